@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+# Everything downloaded (virtualenv, Kafka jars, data) lands in git-ignored folders.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+KAFKA_STAMP := deploy/kafka/libs/.fetched-stamp
+
+.PHONY: run test lint unit bench clean setup kafka
+
+setup: $(STAMP) $(KAFKA_STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+kafka: $(KAFKA_STAMP)
+
+# Kafka's jars come from Maven Central through deploy/kafka/pom.xml, fetched once.
+$(KAFKA_STAMP): deploy/kafka/pom.xml
+	rm -rf deploy/kafka/libs
+	mvn -q -B -f deploy/kafka/pom.xml dependency:copy-dependencies
+	touch $@
+
+run: setup
+	$(BIN)/parley run
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit tests/property
+
+test: setup lint
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf .parley

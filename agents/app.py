@@ -1,0 +1,55 @@
+"""Builds the Faust app: idempotent producer, manual-ack batching, agents registered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from agents.lifecycle import LifecycleAgent
+from streams.settings import Settings
+from streams.topics import Topics
+
+
+class _IdempotentProducer(faust_aiokafka.Producer):  # type: ignore[misc]
+    """Faust only asks aiokafka for idempotence inside transactions; we want it always."""
+
+    def _settings_extra(self) -> dict[str, Any]:
+        return {"acks": "all", "enable_idempotence": True}
+
+
+# The transport builds its producer from this class attribute.
+faust_aiokafka.Transport.Producer = _IdempotentProducer
+
+
+def broker_urls(bootstrap: str) -> list[str]:
+    """Faust wants kafka:// URLs; the setting is the usual host:port,host:port list."""
+    return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+
+
+def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
+    """The worker's Faust app with every agent attached."""
+    app = faust.App(
+        settings.app_id,
+        broker=broker_urls(settings.kafka_bootstrap_servers),
+        store="memory://",
+        datadir=str(settings.data_dir / "faust"),
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        # Our topics exist already (created with explicit configs by ensure_topics); this lets
+        # Faust create only its own internal ones (assignor leader, table changelogs).
+        topic_allow_declare=True,
+        web_enabled=False,
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=0.5,
+        broker_commit_every=1000,
+        stream_buffer_maxsize=settings.worker_batch_size * 4,
+        stream_wait_empty=False,
+        logging_config=None,
+    )
+    topics = Topics(settings.topic_prefix)
+    lifecycle = LifecycleAgent(app, settings, topics)
+    lifecycle.register()
+    return app, lifecycle

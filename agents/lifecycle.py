@@ -1,0 +1,138 @@
+"""The lifecycle agent: batches of conversation events -> domain -> Postgres, never lost.
+
+Faust acks an event when the agent moves past it, even if the body raised. So nothing may
+escape this loop: transient failures (Postgres down, a lost version race) are retried until
+they pass, holding the partition; an event that keeps failing for its own reasons (poison)
+is parked on the dead-letter topic with its error before the batch is acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import faust
+from pydantic import ValidationError
+
+from streams.projection import BatchResult, StaleVersion, apply_batch
+from streams.records import CONVERSATION_EVENT, ConversationEvent, DeadLetter
+from streams.schema import create_pool
+from streams.settings import Settings
+from streams.topics import Topics
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT_SQLSTATE_CLASSES = {"08", "40", "53", "57"}  # connection, rollback, resources, shutdown
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors that go away by themselves: retry without limit, never dead-letter."""
+    if isinstance(exc, StaleVersion | OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    return False
+
+
+class LifecycleAgent:
+    """Owns the lifecycle agent's resources: the pool, the topics, the retry policy."""
+
+    def __init__(self, app: faust.App, settings: Settings, topics: Topics) -> None:
+        self.app = app
+        self.settings = settings
+        self.policy = settings.policy()
+        self.topics = topics
+        self.source = app.topic(
+            topics.conversation_events, key_serializer="raw", value_serializer="raw"
+        )
+        self.dead_letters = app.topic(topics.dead_letters, key_serializer="raw", value_serializer="raw")
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+        self.applied = 0
+        self.dead_lettered = 0
+
+    def register(self) -> None:
+        """Attach the agent to the app."""
+        self.app.agent(self.source, name="lifecycle")(self._run)
+
+    async def pool(self) -> asyncpg.Pool:
+        """The Postgres pool, opened on first use inside the worker's loop."""
+        async with self._pool_lock:
+            if self._pool is None:
+                self._pool = await create_pool(self.settings.database_url, self.settings.db_pool_size)
+            return self._pool
+
+    async def close(self) -> None:
+        """Close the pool."""
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def _run(self, stream: faust.StreamT[bytes]) -> None:
+        within = self.settings.worker_batch_within.total_seconds()
+        async for batch in stream.take_events(self.settings.worker_batch_size, within=within):
+            await self.handle(batch)
+
+    async def handle(self, batch: Sequence[Any]) -> None:
+        """Decode, apply, dead-letter what cannot be applied; returns only when all is safe."""
+        decoded: list[tuple[Any, ConversationEvent]] = []
+        for event in batch:
+            try:
+                decoded.append((event, CONVERSATION_EVENT.validate_json(event.message.value)))
+            except ValidationError as exc:
+                await self.dead_letter(event, f"undecodable event: {exc}", attempts=1)
+        if not decoded:
+            return
+        try:
+            await self._apply([record for _, record in decoded])
+        except Exception:  # noqa: BLE001 - a batch that keeps failing is retried one by one
+            for event, record in decoded:
+                try:
+                    await self._apply([record])
+                except Exception as exc:  # noqa: BLE001 - poison: park it with its error
+                    await self.dead_letter(event, f"{type(exc).__name__}: {exc}", self.settings.worker_retries + 1)
+
+    async def _apply(self, records: list[ConversationEvent]) -> BatchResult:
+        """Apply with retries: transient errors forever, others up to worker_retries times."""
+        attempt = 0
+        delay = 0.05
+        while True:
+            try:
+                pool = await self.pool()
+                async with pool.acquire() as conn:
+                    result = await apply_batch(conn, records, self.policy)
+                self.applied += result.applied
+                return result
+            except Exception as exc:
+                if not is_transient(exc):
+                    attempt += 1
+                    if attempt > self.settings.worker_retries:
+                        raise
+                first = records[0].event_id
+                log.warning("lifecycle: batch of %d (first %s) failed (%s: %s); retrying in %.2fs",
+                            len(records), first, type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)  # backoff between retries, not synchronisation
+                delay = min(delay * 2, 5.0)
+
+    async def dead_letter(self, event: Any, error: str, attempts: int) -> None:
+        """Park one event on the dead-letter topic and wait for Kafka's ack."""
+        msg = event.message
+        key = msg.key.decode(errors="replace") if msg.key else None
+        log.error("lifecycle: dead-lettering %s[%d]@%d key=%s: %s",
+                  msg.topic, msg.partition, msg.offset, key, error)
+        letter = DeadLetter(
+            source_topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            key=key,
+            value=bytes(msg.value).decode(errors="replace"),
+            error=error[:4000],
+            attempts=attempts,
+            failed_at=datetime.now(UTC),
+        )
+        fut = await self.dead_letters.send(key=msg.key, value=letter.model_dump_json().encode())
+        await fut
+        self.dead_lettered += 1

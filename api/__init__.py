@@ -1,0 +1,1 @@
+"""aiohttp: provider webhooks, the admin API, health checks and the dashboard."""

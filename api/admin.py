@@ -1,0 +1,178 @@
+"""Admin API (bearer token): channels, conversations, messages, audit log, commands."""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from api.context import CONTEXT, error
+from api.ingress import KafkaUnavailable
+from domain.lifecycle import CloseReason
+from streams.records import AcceptCommand, ChannelIn, CloseCommand
+from streams.store import DuplicateChannel, decode_cursor
+from streams.topics import thread_key
+
+routes = web.RouteTableDef()
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=BaseModel)
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every /v1 route needs `Authorization: Bearer $PARLEY_ADMIN_TOKEN`."""
+    if request.path.startswith("/v1/"):
+        token = request.app[CONTEXT].settings.admin_token
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not token or not hmac.compare_digest(given.encode(), token.encode()):
+            return error(401, "missing or wrong bearer token")
+    return await handler(request)
+
+
+async def _body(request: web.Request, model: type[M]) -> M | web.Response:
+    try:
+        return model.model_validate(orjson.loads(await request.read()))
+    except orjson.JSONDecodeError as exc:
+        return error(400, f"body is not valid JSON: {exc}")
+    except ValidationError as exc:
+        details = exc.errors(include_url=False, include_context=False, include_input=False)
+        return error(422, f"body does not match {model.__name__}", details=details)
+
+
+def _conversation_id(request: web.Request) -> str | None:
+    try:
+        return str(uuid.UUID(request.match_info["id"]))
+    except ValueError:
+        return None
+
+
+@routes.post("/v1/channels")
+async def create_channel(request: web.Request) -> web.Response:
+    """Register a channel; its secret is stored and never shown again."""
+    body = await _body(request, ChannelIn)
+    if isinstance(body, web.Response):
+        return body
+    ctx = request.app[CONTEXT]
+    try:
+        created = await ctx.store.create_channel(body.id, body.provider, {"secret": body.secret})
+    except DuplicateChannel:
+        return error(409, f"channel {body.id!r} exists")
+    return web.json_response(
+        {"id": body.id, "provider": body.provider, "created_at": created.isoformat()}, status=201
+    )
+
+
+@routes.get("/v1/channels")
+async def list_channels(request: web.Request) -> web.Response:
+    """Every channel, without secrets."""
+    return web.json_response({"items": await request.app[CONTEXT].store.channels()})
+
+
+@routes.get("/v1/conversations")
+async def list_conversations(request: web.Request) -> web.Response:
+    """A page of conversations filtered by contact, channel and state, newest first."""
+    q = request.query
+    try:
+        limit = int(q.get("limit", "50"))
+        cursor = decode_cursor(q["cursor"]) if q.get("cursor") else None
+    except ValueError as exc:
+        return error(400, str(exc) if "cursor" in str(exc) else "limit must be an integer")
+    if not 1 <= limit <= 500:
+        return error(400, "limit must be between 1 and 500")
+    items, next_cursor = await request.app[CONTEXT].store.conversations(
+        contact=q.get("contact"), channel=q.get("channel"), state=q.get("state"),
+        limit=limit, cursor=cursor,
+    )
+    return web.json_response({"items": items, "next_cursor": next_cursor})
+
+
+@routes.get("/v1/conversations/{id}")
+async def get_conversation(request: web.Request) -> web.Response:
+    """One conversation."""
+    conv_id = _conversation_id(request)
+    found = await request.app[CONTEXT].store.conversation(conv_id) if conv_id else None
+    return web.json_response(found) if found else error(404, "no such conversation")
+
+
+@routes.get("/v1/conversations/{id}/messages")
+async def get_messages(request: web.Request) -> web.Response:
+    """A conversation's messages in order."""
+    conv_id = _conversation_id(request)
+    store = request.app[CONTEXT].store
+    if not conv_id or not await store.conversation(conv_id):
+        return error(404, "no such conversation")
+    return web.json_response({"items": await store.messages(conv_id)})
+
+
+@routes.get("/v1/conversations/{id}/events")
+async def get_events(request: web.Request) -> web.Response:
+    """A conversation's audit log: every transition and every losing attempt."""
+    conv_id = _conversation_id(request)
+    store = request.app[CONTEXT].store
+    if not conv_id or not await store.conversation(conv_id):
+        return error(404, "no such conversation")
+    return web.json_response({"items": await store.events(conv_id)})
+
+
+class CloseIn(BaseModel):
+    """POST /v1/conversations/{id}/close body."""
+
+    reason: CloseReason = CloseReason.AGENT_CLOSED
+    by: str | None = None
+
+
+class AcceptIn(BaseModel):
+    """POST /v1/conversations/{id}/accept body."""
+
+    agent_id: str
+
+
+async def _command(request: web.Request, build: Callable[[dict[str, Any], str], Any]) -> web.Response:
+    ctx = request.app[CONTEXT]
+    conv_id = _conversation_id(request)
+    conv = await ctx.store.conversation(conv_id) if conv_id else None
+    if conv is None:
+        return error(404, "no such conversation")
+    event_id = f"cmd:{uuid.uuid4()}"
+    record = build(conv, event_id)
+    try:
+        await ctx.ingress.send(
+            ctx.topics.conversation_events,
+            thread_key(conv["channel_id"], conv["contact_id"]),
+            record.model_dump_json().encode(),
+        )
+    except KafkaUnavailable:
+        return error(503, "event log unavailable, retry later")
+    return web.json_response({"accepted": event_id}, status=202)
+
+
+@routes.post("/v1/conversations/{id}/close")
+async def close_conversation(request: web.Request) -> web.Response:
+    """Ask to close; the lifecycle agent decides in order with everything else (202)."""
+    body = await _body(request, CloseIn)
+    if isinstance(body, web.Response):
+        return body
+    if not body.reason.is_explicit:
+        return error(422, f"reason {body.reason} is automatic; use failed, user_closed or agent_closed")
+    return await _command(request, lambda conv, event_id: CloseCommand(
+        event_id=event_id, channel_id=conv["channel_id"], contact_id=conv["contact_id"],
+        conversation_id=conv["id"], reason=body.reason, by=body.by, issued_at=datetime.now(UTC),
+    ))
+
+
+@routes.post("/v1/conversations/{id}/accept")
+async def accept_conversation(request: web.Request) -> web.Response:
+    """An agent takes the conversation (-> processing), through the event log (202)."""
+    body = await _body(request, AcceptIn)
+    if isinstance(body, web.Response):
+        return body
+    return await _command(request, lambda conv, event_id: AcceptCommand(
+        event_id=event_id, channel_id=conv["channel_id"], contact_id=conv["contact_id"],
+        conversation_id=conv["id"], agent_id=body.agent_id, issued_at=datetime.now(UTC),
+    ))

@@ -1,0 +1,56 @@
+"""The API's Kafka producer: idempotent, acks=all; a request is answered after Kafka's ack."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from streams.settings import Settings
+
+
+class KafkaUnavailable(Exception):
+    """Kafka did not acknowledge in time; the sender should retry (HTTP 503)."""
+
+
+class Ingress:
+    """Produces records keyed by thread and waits for the broker's acknowledgement."""
+
+    def __init__(self, settings: Settings, timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=2,
+            request_timeout_ms=int(timeout * 1000),
+            max_batch_size=256 * 1024,
+        )
+
+    async def start(self) -> None:
+        """Connect; retried by the caller's supervisor if Kafka is not up yet."""
+        await self.producer.start()
+
+    async def stop(self) -> None:
+        """Flush and close."""
+        await self.producer.stop()
+
+    async def send(self, topic: str, key: bytes, value: bytes) -> None:
+        """Produce one record and wait for acks=all, or raise KafkaUnavailable."""
+        try:
+            fut = await asyncio.wait_for(self.producer.send(topic, value=value, key=key), self.timeout)
+            await asyncio.wait_for(fut, self.timeout)
+        except (KafkaError, TimeoutError) as exc:
+            raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def send_many(self, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+        """Produce several records (one webhook may carry many) and wait for all acks."""
+        try:
+            futs = [
+                await asyncio.wait_for(self.producer.send(topic, value=v, key=k), self.timeout)
+                for k, v in records
+            ]
+            await asyncio.wait_for(asyncio.gather(*futs), self.timeout)
+        except (KafkaError, TimeoutError) as exc:
+            raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc

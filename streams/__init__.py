@@ -1,0 +1,1 @@
+"""The shared contract: topics, wire records, settings, and the Postgres store."""

@@ -1,0 +1,139 @@
+"""Pydantic records for everything that crosses a boundary (HTTP, Kafka)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+
+from domain.lifecycle import CloseReason
+
+# Conversation ids are uuid5 of the event that opened them, so replay recreates the same ids.
+CONVERSATION_NAMESPACE = uuid.UUID("6f1d4b52-8f7e-4c39-9a51-0c3f2a7d9e10")
+
+
+def conversation_id_for(event_id: str) -> str:
+    """The deterministic id of a conversation opened by this event."""
+    return str(uuid.uuid5(CONVERSATION_NAMESPACE, event_id))
+
+
+class Record(BaseModel):
+    """Base for wire records: immutable, strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InboundMessage(Record):
+    """A user's message as accepted by a provider webhook."""
+
+    kind: Literal["message.inbound"] = "message.inbound"
+    event_id: str
+    channel_id: str
+    contact_id: str
+    provider: str
+    provider_message_id: str
+    type: str = "text"
+    text: str | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+    sent_at: AwareDatetime
+    received_at: AwareDatetime
+
+
+class CloseCommand(Record):
+    """An agent or admin asks to close the thread's open conversation."""
+
+    kind: Literal["command.close"] = "command.close"
+    event_id: str
+    channel_id: str
+    contact_id: str
+    conversation_id: str
+    reason: CloseReason = CloseReason.AGENT_CLOSED
+    by: str | None = None
+    issued_at: AwareDatetime
+
+
+class AcceptCommand(Record):
+    """An agent takes the conversation."""
+
+    kind: Literal["command.accept"] = "command.accept"
+    event_id: str
+    channel_id: str
+    contact_id: str
+    conversation_id: str
+    agent_id: str
+    issued_at: AwareDatetime
+
+
+class TimerFiredRecord(Record):
+    """A conversation deadline came due (from the timer table or the backup sweep)."""
+
+    kind: Literal["timer.fired"] = "timer.fired"
+    event_id: str
+    channel_id: str
+    contact_id: str
+    conversation_id: str
+    version: int
+    due_at: AwareDatetime
+    fired_at: AwareDatetime
+    source: Literal["timer", "sweep"] = "timer"
+
+
+ConversationEvent = Annotated[
+    InboundMessage | CloseCommand | AcceptCommand | TimerFiredRecord,
+    Field(discriminator="kind"),
+]
+CONVERSATION_EVENT: TypeAdapter[ConversationEvent] = TypeAdapter(ConversationEvent)
+
+
+def occurred_at(event: ConversationEvent) -> datetime:
+    """The event's own time: transitions use it as `now`, so replay is deterministic."""
+    if isinstance(event, InboundMessage):
+        return event.received_at
+    if isinstance(event, TimerFiredRecord):
+        return event.fired_at
+    return event.issued_at
+
+
+class DeadLetter(Record):
+    """An event parked because it could not be processed, with its error and raw bytes."""
+
+    source_topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: str
+    error: str
+    attempts: int
+    failed_at: AwareDatetime
+
+
+# --- HTTP bodies -------------------------------------------------------------------------
+
+
+class GenericWebhook(Record):
+    """The generic channel's inbound message body."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    message_id: str = Field(min_length=1, max_length=256)
+    from_: str = Field(alias="from", min_length=1, max_length=256)
+    text: str = Field(max_length=65536)
+    timestamp: AwareDatetime | int
+
+
+class ChannelIn(Record):
+    """POST /v1/channels body (the generic provider; others arrive with their issue)."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    provider: Literal["generic"]
+    secret: str = Field(pattern=r"^whsec_[A-Za-z0-9+/=]{16,}$")
+
+
+class ChannelOut(Record):
+    """A channel as the API shows it: never with its secret."""
+
+    id: str
+    provider: str
+    created_at: datetime

@@ -1,0 +1,71 @@
+"""Versioned SQL migrations, applied at start; schema_migrations records what ran."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+# Any constant works: it only has to be the same in every Parley process.
+_MIGRATION_LOCK = 7_276_537_339
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    files = resources.files("streams").joinpath("migrations")
+    found = []
+    for entry in files.iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append((version, entry.name, entry.read_text()))
+    return sorted(found)
+
+
+async def migrate(pool: asyncpg.Pool) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction; returns their names."""
+    applied: list[str] = []
+    async with pool.acquire() as conn:
+        # Several processes may start at once; one migrates, the others wait and find it done.
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, name, sql in _migrations():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+                log.info("migration applied: %s", name)
+                applied.append(name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    return applied
+
+
+async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
+    """A connection pool; jsonb columns come back as Python objects."""
+
+    async def init(conn: asyncpg.Connection) -> None:
+        import orjson
+
+        await conn.set_type_codec(
+            "jsonb",
+            encoder=lambda v: orjson.dumps(v).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size, init=init)
+    assert pool is not None
+    return pool

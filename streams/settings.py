@@ -1,0 +1,85 @@
+"""Parley's settings: one object, built once at each entry point, every field an env var."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from domain.policy import LifecyclePolicy, parse_duration
+
+
+
+def _timeout(value: object) -> timedelta:
+    # Lifecycle deadlines: the domain's parser, with its one-second floor.
+    return value if isinstance(value, timedelta) else parse_duration(value)  # type: ignore[arg-type]
+
+
+def _duration(value: object) -> timedelta:
+    # Technical intervals (batch windows, grace, retention): seconds may be fractional or 0.
+    if isinstance(value, timedelta):
+        return value
+    try:
+        return timedelta(seconds=float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return parse_duration(value)  # type: ignore[arg-type]
+
+
+Timeout = Annotated[timedelta, BeforeValidator(_timeout)]
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+
+
+class Settings(BaseSettings):
+    """Everything configurable; see the env var table in README.md."""
+
+    model_config = SettingsConfigDict(env_prefix="PARLEY_", extra="ignore", frozen=True)
+
+    # External services. Empty means "start the embedded one" (only `parley run` does that).
+    kafka_bootstrap_servers: str = Field("", validation_alias="KAFKA_BOOTSTRAP_SERVERS")
+    database_url: str = Field("", validation_alias="DATABASE_URL")
+
+    data_dir: Path = Path(".parley")
+    kafka_port: int = 9092
+    postgres_port: int = 5433
+
+    topic_prefix: str = "parley"
+    topic_partitions: int = Field(8, ge=1)
+    topic_replication: int = Field(1, ge=1)
+    # Source topics keep a week of events so Postgres can be rebuilt by replay.
+    topic_retention: Duration = timedelta(days=7)
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    admin_token: str = ""
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    webhook_tolerance: Duration = timedelta(minutes=5)
+
+    app_id: str = "parley"
+    worker_batch_size: int = Field(1000, ge=1)
+    worker_batch_within: Duration = timedelta(milliseconds=10)
+    worker_retries: int = Field(5, ge=0)
+    db_pool_size: int = Field(8, ge=1)
+
+    timeout_idle: Timeout = timedelta(hours=48)
+    timeout_processing: Timeout = timedelta(hours=24)
+    timeout_awaiting_confirmation: Timeout = timedelta(minutes=10)
+    timeout_waiting_close: Timeout = timedelta(minutes=3)
+    close_grace: Duration = timedelta(seconds=30)
+    reopen_window: Duration = timedelta(0)
+    sweep_interval: Duration = timedelta(minutes=1)
+
+    log_level: str = "INFO"
+
+    def policy(self) -> LifecyclePolicy:
+        """The domain's lifecycle policy built from these settings."""
+        return LifecyclePolicy(
+            idle_timeout=self.timeout_idle,
+            processing_timeout=self.timeout_processing,
+            awaiting_confirmation_timeout=self.timeout_awaiting_confirmation,
+            waiting_close_timeout=self.timeout_waiting_close,
+            close_grace=self.close_grace,
+            reopen_window=self.reopen_window,
+        )

@@ -1,0 +1,78 @@
+"""Topic names, partitioning, and the thread key every conversation topic is keyed by."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from streams.settings import Settings
+
+CHANNEL_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def thread_key(channel_id: str, contact_id: str) -> bytes:
+    """The partition key of a conversation thread: all its events land on one partition."""
+    # Channel ids cannot hold '/', so the first '/' always separates the two parts.
+    return f"{channel_id}/{contact_id}".encode()
+
+
+def split_thread_key(key: bytes) -> tuple[str, str]:
+    """Inverse of thread_key."""
+    channel_id, _, contact_id = key.decode().partition("/")
+    return channel_id, contact_id
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Names of every topic, derived from one prefix so tests can isolate themselves."""
+
+    prefix: str
+
+    @property
+    def conversation_events(self) -> str:
+        """Everything that changes a conversation: user messages, commands, timer firings."""
+        return f"{self.prefix}.conversation-events"
+
+    @property
+    def dead_letters(self) -> str:
+        """Events the pipeline could not process, with their error."""
+        return f"{self.prefix}.dead-letters"
+
+    def sources(self) -> list[str]:
+        """Topics that are the source of truth for replay (long retention)."""
+        return [self.conversation_events]
+
+    def all(self) -> list[str]:
+        """Every topic the project creates."""
+        return [*self.sources(), self.dead_letters]
+
+
+async def ensure_topics(settings: Settings) -> Topics:
+    """Create the project's topics with explicit partition counts; existing ones are kept."""
+    topics = Topics(settings.topic_prefix)
+    retention_ms = str(int(settings.topic_retention.total_seconds() * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(
+                name,
+                num_partitions=settings.topic_partitions,
+                replication_factor=settings.topic_replication,
+                topic_configs={"retention.ms": retention_ms if name in topics.sources() else "-1"},
+            )
+            for name in topics.all()
+            if name not in existing
+        ]
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass  # a concurrent process created it first; same config
+    finally:
+        await admin.close()
+    return topics
