@@ -44,6 +44,8 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=0.5,
+        broker_session_timeout=settings.kafka_session_timeout.total_seconds(),
+        broker_heartbeat_interval=settings.kafka_session_timeout.total_seconds() / 5,
         broker_commit_every=1000,
         stream_buffer_maxsize=settings.worker_batch_size * 4,
         stream_wait_empty=False,

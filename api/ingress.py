@@ -17,8 +17,8 @@ class KafkaUnavailable(Exception):
 class Ingress:
     """Produces records keyed by thread and waits for the broker's acknowledgement."""
 
-    def __init__(self, settings: Settings, timeout: float = 10.0) -> None:
-        self.timeout = timeout
+    def __init__(self, settings: Settings) -> None:
+        self.timeout = timeout = settings.produce_timeout.total_seconds()
         self.producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap_servers,
             enable_idempotence=True,

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     webhook_tolerance: Duration = timedelta(minutes=5)
 
+    produce_timeout: Duration = timedelta(seconds=5)
+    # A crashed worker's partitions move to a live one after this long.
+    kafka_session_timeout: Duration = timedelta(seconds=10)
+
     app_id: str = "parley"
     worker_batch_size: int = Field(1000, ge=1)
     worker_batch_within: Duration = timedelta(milliseconds=10)
