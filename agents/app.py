@@ -12,7 +12,7 @@ from streams.settings import Settings
 from streams.topics import Topics
 
 
-class _IdempotentProducer(faust_aiokafka.Producer):  # type: ignore[misc]
+class _IdempotentProducer(faust_aiokafka.Producer):
     """Faust only asks aiokafka for idempotence inside transactions; we want it always."""
 
     def _settings_extra(self) -> dict[str, Any]:

@@ -46,9 +46,7 @@ class LifecycleAgent:
         self.settings = settings
         self.policy = settings.policy()
         self.topics = topics
-        self.source = app.topic(
-            topics.conversation_events, key_serializer="raw", value_serializer="raw"
-        )
+        self.source = app.topic(topics.conversation_events, key_serializer="raw", value_serializer="raw")
         self.dead_letters = app.topic(topics.dead_letters, key_serializer="raw", value_serializer="raw")
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
@@ -73,7 +71,9 @@ class LifecycleAgent:
 
     async def _run(self, stream: faust.StreamT[bytes]) -> None:
         within = self.settings.worker_batch_within.total_seconds()
-        async for batch in stream.take_events(self.settings.worker_batch_size, within=within):
+        # take_events exists on faust.Stream but is missing from the StreamT protocol.
+        take_events = stream.take_events  # type: ignore[attr-defined]
+        async for batch in take_events(self.settings.worker_batch_size, within=within):
             await self.handle(batch)
 
     async def handle(self, batch: Sequence[Any]) -> None:
@@ -88,12 +88,14 @@ class LifecycleAgent:
             return
         try:
             await self._apply([record for _, record in decoded])
-        except Exception:  # noqa: BLE001 - a batch that keeps failing is retried one by one
+        except Exception:
             for event, record in decoded:
                 try:
                     await self._apply([record])
-                except Exception as exc:  # noqa: BLE001 - poison: park it with its error
-                    await self.dead_letter(event, f"{type(exc).__name__}: {exc}", self.settings.worker_retries + 1)
+                except Exception as exc:
+                    await self.dead_letter(
+                        event, f"{type(exc).__name__}: {exc}", self.settings.worker_retries + 1
+                    )
 
     async def _apply(self, records: list[ConversationEvent]) -> BatchResult:
         """Apply with retries: transient errors forever, others up to worker_retries times."""
@@ -112,8 +114,14 @@ class LifecycleAgent:
                     if attempt > self.settings.worker_retries:
                         raise
                 first = records[0].event_id
-                log.warning("lifecycle: batch of %d (first %s) failed (%s: %s); retrying in %.2fs",
-                            len(records), first, type(exc).__name__, exc, delay)
+                log.warning(
+                    "lifecycle: batch of %d (first %s) failed (%s: %s); retrying in %.2fs",
+                    len(records),
+                    first,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)  # backoff between retries, not synchronisation
                 delay = min(delay * 2, 5.0)
 
@@ -121,8 +129,9 @@ class LifecycleAgent:
         """Park one event on the dead-letter topic and wait for Kafka's ack."""
         msg = event.message
         key = msg.key.decode(errors="replace") if msg.key else None
-        log.error("lifecycle: dead-lettering %s[%d]@%d key=%s: %s",
-                  msg.topic, msg.partition, msg.offset, key, error)
+        log.error(
+            "lifecycle: dead-lettering %s[%d]@%d key=%s: %s", msg.topic, msg.partition, msg.offset, key, error
+        )
         letter = DeadLetter(
             source_topic=msg.topic,
             partition=msg.partition,

@@ -86,8 +86,11 @@ async def list_conversations(request: web.Request) -> web.Response:
     if not 1 <= limit <= 500:
         return error(400, "limit must be between 1 and 500")
     items, next_cursor = await request.app[CONTEXT].store.conversations(
-        contact=q.get("contact"), channel=q.get("channel"), state=q.get("state"),
-        limit=limit, cursor=cursor,
+        contact=q.get("contact"),
+        channel=q.get("channel"),
+        state=q.get("state"),
+        limit=limit,
+        cursor=cursor,
     )
     return web.json_response({"items": items, "next_cursor": next_cursor})
 
@@ -160,10 +163,18 @@ async def close_conversation(request: web.Request) -> web.Response:
         return body
     if not body.reason.is_explicit:
         return error(422, f"reason {body.reason} is automatic; use failed, user_closed or agent_closed")
-    return await _command(request, lambda conv, event_id: CloseCommand(
-        event_id=event_id, channel_id=conv["channel_id"], contact_id=conv["contact_id"],
-        conversation_id=conv["id"], reason=body.reason, by=body.by, issued_at=datetime.now(UTC),
-    ))
+    return await _command(
+        request,
+        lambda conv, event_id: CloseCommand(
+            event_id=event_id,
+            channel_id=conv["channel_id"],
+            contact_id=conv["contact_id"],
+            conversation_id=conv["id"],
+            reason=body.reason,
+            by=body.by,
+            issued_at=datetime.now(UTC),
+        ),
+    )
 
 
 @routes.post("/v1/conversations/{id}/accept")
@@ -172,7 +183,14 @@ async def accept_conversation(request: web.Request) -> web.Response:
     body = await _body(request, AcceptIn)
     if isinstance(body, web.Response):
         return body
-    return await _command(request, lambda conv, event_id: AcceptCommand(
-        event_id=event_id, channel_id=conv["channel_id"], contact_id=conv["contact_id"],
-        conversation_id=conv["id"], agent_id=body.agent_id, issued_at=datetime.now(UTC),
-    ))
+    return await _command(
+        request,
+        lambda conv, event_id: AcceptCommand(
+            event_id=event_id,
+            channel_id=conv["channel_id"],
+            contact_id=conv["contact_id"],
+            conversation_id=conv["id"],
+            agent_id=body.agent_id,
+            issued_at=datetime.now(UTC),
+        ),
+    )

@@ -43,17 +43,18 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(ctx.store.pool.fetchval("SELECT 1"), 2)
         checks["postgres"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready; say which
+    except Exception as exc:
         ok, checks["postgres"] = False, f"{type(exc).__name__}: {exc}"
-    admin_client = AIOKafkaAdminClient(bootstrap_servers=ctx.settings.kafka_bootstrap_servers,
-                                       request_timeout_ms=2000)
+    admin_client = AIOKafkaAdminClient(
+        bootstrap_servers=ctx.settings.kafka_bootstrap_servers, request_timeout_ms=2000
+    )
     try:
         await asyncio.wait_for(admin_client.start(), 3)
         worker_ok, detail = await asyncio.wait_for(_worker_ready(admin_client, ctx.settings.app_id), 3)
         checks["kafka"] = "ok"
         checks["worker"] = detail
         ok = ok and worker_ok
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         ok, checks["kafka"] = False, f"{type(exc).__name__}: {exc}"
     finally:
         await admin_client.close()
@@ -62,9 +63,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings) -> web.Application:
     """The API app; resources open on startup and close on cleanup."""
-    app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[admin.require_token]
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[admin.require_token])
     app.add_routes(routes)
     app.add_routes(webhooks.routes)
     app.add_routes(admin.routes)

@@ -40,8 +40,9 @@ async def generic_webhook(request: web.Request) -> web.Response:
             tolerance=ctx.settings.webhook_tolerance,
         )
     except SignatureError as exc:
-        log.warning("webhook rejected: channel=%s id=%s: %s", channel_id,
-                    request.headers.get("webhook-id"), exc)
+        log.warning(
+            "webhook rejected: channel=%s id=%s: %s", channel_id, request.headers.get("webhook-id"), exc
+        )
         return error(401, f"signature rejected: {exc}")
     try:
         parsed = orjson.loads(body)
@@ -52,9 +53,7 @@ async def generic_webhook(request: web.Request) -> web.Response:
     except ValidationError as exc:
         details = exc.errors(include_url=False, include_context=False, include_input=False)
         return error(422, "body does not match the generic message schema", details=details)
-    sent_at = (
-        datetime.fromtimestamp(msg.timestamp, UTC) if isinstance(msg.timestamp, int) else msg.timestamp
-    )
+    sent_at = datetime.fromtimestamp(msg.timestamp, UTC) if isinstance(msg.timestamp, int) else msg.timestamp
     record = InboundMessage(
         event_id=f"generic:{channel_id}:{msg.message_id}",
         channel_id=channel_id,

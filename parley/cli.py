@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 from streams.settings import Settings
 
@@ -57,8 +56,9 @@ def cmd_api(settings: Settings) -> int:
         log.error("PARLEY_ADMIN_TOKEN is not set; the admin API would be unusable")
         return 2
     uvloop.install()
-    web.run_app(create_app(settings), host=settings.http_host, port=settings.http_port,
-                print=None, access_log=None)
+    web.run_app(
+        create_app(settings), host=settings.http_host, port=settings.http_port, print=None, access_log=None
+    )
     return 0
 
 

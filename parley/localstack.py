@@ -129,8 +129,13 @@ class KafkaBroker:
         self.dir.mkdir(parents=True, exist_ok=True)
         cp = self._classpath()
         props = self._properties()
-        java = ["java", "-cp", cp, f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.properties'}",
-                f"-Dkafka.logs.dir={self.dir}"]
+        java = [
+            "java",
+            "-cp",
+            cp,
+            f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.dir}",
+        ]
         if not (self.dir / "data" / "meta.properties").exists():
             cluster_id = str(uuid.uuid4().hex[:22])
             subprocess.run(
@@ -146,7 +151,7 @@ class KafkaBroker:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads exist yet at this point
+                preexec_fn=_die_with_parent,
             )
         wait_port(self.port, self.proc, "Kafka", timeout, self.dir / "server.log")
 
@@ -195,8 +200,11 @@ class LocalPostgres:
         install = _postgres_bin().parent
         _readable_by_all(install)
         for sub in install.rglob("*"):
-            sub.chmod(sub.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if sub.is_dir() or
-                                                           sub.stat().st_mode & stat.S_IXUSR else 0))
+            sub.chmod(
+                sub.stat().st_mode
+                | stat.S_IROTH
+                | (stat.S_IXOTH if sub.is_dir() or sub.stat().st_mode & stat.S_IXUSR else 0)
+            )
         _readable_by_all(self.dir)
         shutil.chown(self.dir, PG_USER, PG_USER)
         return PG_USER
@@ -215,8 +223,16 @@ class LocalPostgres:
         bin_path = _postgres_bin()
         if not (pgdata / "PG_VERSION").exists():
             init = subprocess.run(
-                [str(bin_path / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
-                 "--encoding=UTF8", "--no-instructions"],
+                [
+                    str(bin_path / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                ],
                 check=False,
                 capture_output=True,
                 **self._identity(),
@@ -229,25 +245,51 @@ class LocalPostgres:
             shutil.chown(log, self.user, self.user)
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [str(bin_path / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1",
-                 "-p", str(self.port), "-k", str(self.dir), "-c", "max_connections=200",
-                 "-c", "shared_buffers=256MB", "-c", "logging_collector=off"],
+                [
+                    str(bin_path / "postgres"),
+                    "-D",
+                    str(pgdata),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.dir),
+                    "-c",
+                    "max_connections=200",
+                    "-c",
+                    "shared_buffers=256MB",
+                    "-c",
+                    "logging_collector=off",
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 **self._identity(),
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads exist yet at this point
+                preexec_fn=_die_with_parent,
             )
         wait_port(self.port, self.proc, "Postgres", timeout, log)
         self._create_database(timeout)
 
     def _create_database(self, timeout: float) -> None:
-        psql = [str(_postgres_bin() / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                "-d", "postgres", "-tA", "-c"]
+        psql = [
+            str(_postgres_bin() / "psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-tA",
+            "-c",
+        ]
         deadline = time.monotonic() + timeout
         while True:
-            probe = subprocess.run([*psql, "SELECT 1 FROM pg_database WHERE datname='parley'"],
-                                   capture_output=True, text=True)
+            probe = subprocess.run(
+                [*psql, "SELECT 1 FROM pg_database WHERE datname='parley'"], capture_output=True, text=True
+            )
             if probe.returncode == 0:
                 break
             if time.monotonic() > deadline:

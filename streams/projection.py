@@ -200,7 +200,7 @@ def _conversation_row(conv: Conversation, window: Any) -> tuple[Any, ...]:
 
 
 async def apply_batch(
-    conn: asyncpg.Connection, events: Sequence[ConversationEvent], policy: LifecyclePolicy
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, events: Sequence[ConversationEvent], policy: LifecyclePolicy
 ) -> BatchResult:
     """Apply events (in order) in one transaction; raises StaleVersion if another writer won."""
     result = BatchResult()
@@ -243,13 +243,26 @@ async def apply_batch(
                 # Aimed at a conversation that is no longer the thread's latest: never let it
                 # act on the newer one; keep the attempt in the log of the one it aimed at.
                 audit.append(
-                    (event.conversation_id, event.event_id, "command_ignored", None, None,
-                     cause_of(event), "conversation is not the thread's current one", 0, now)
+                    (
+                        event.conversation_id,
+                        event.event_id,
+                        "command_ignored",
+                        None,
+                        None,
+                        cause_of(event),
+                        "conversation is not the thread's current one",
+                        0,
+                        now,
+                    )
                 )
                 continue
             decision = transition(
-                before, to_domain(event), now, policy,
-                channel_id=event.channel_id, contact_id=event.contact_id,
+                before,
+                to_domain(event),
+                now,
+                policy,
+                channel_id=event.channel_id,
+                contact_id=event.contact_id,
             )
             conv = decision.conversation
             if conv is not None and decision.changed:
@@ -258,19 +271,35 @@ async def apply_batch(
             for effect in decision.effects:
                 if isinstance(effect, StoreMessage) and isinstance(event, InboundMessage):
                     messages.append(
-                        (effect.conversation_id, event.channel_id, event.provider_message_id,
-                         event.type, event.text, orjson.dumps(event.payload).decode(),
-                         event.sent_at)
+                        (
+                            effect.conversation_id,
+                            event.channel_id,
+                            event.provider_message_id,
+                            event.type,
+                            event.text,
+                            orjson.dumps(event.payload).decode(),
+                            event.sent_at,
+                        )
                     )
                     windows[effect.conversation_id] = event.sent_at + SERVICE_WINDOW
                 elif isinstance(effect, Record):
-                    version = changed[effect.conversation_id].version if (
-                        effect.conversation_id in changed) else (conv.version if conv else 0)
+                    version = (
+                        changed[effect.conversation_id].version
+                        if (effect.conversation_id in changed)
+                        else (conv.version if conv else 0)
+                    )
                     audit.append(
-                        (effect.conversation_id, event.event_id, effect.kind,
-                         effect.from_state.value if effect.from_state else None,
-                         effect.to_state.value if effect.to_state else None,
-                         cause_of(event), effect.detail, version, now)
+                        (
+                            effect.conversation_id,
+                            event.event_id,
+                            effect.kind,
+                            effect.from_state.value if effect.from_state else None,
+                            effect.to_state.value if effect.to_state else None,
+                            cause_of(event),
+                            effect.detail,
+                            version,
+                            now,
+                        )
                     )
                 elif isinstance(effect, SetTimer | CancelTimer):
                     result.timers.append((thread, effect))

@@ -12,7 +12,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from domain.policy import LifecyclePolicy, parse_duration
 
 
-
 def _timeout(value: object) -> timedelta:
     # Lifecycle deadlines: the domain's parser, with its one-second floor.
     return value if isinstance(value, timedelta) else parse_duration(value)  # type: ignore[arg-type]

@@ -66,10 +66,13 @@ async def deployment(services: Services) -> AsyncIterator[Deployment]:
 async def channel(deployment: Deployment) -> GenericChannel:
     """A registered generic channel on the module's deployment."""
     ch = GenericChannel(id="ch-" + deployment.name)
-    async with aiohttp.ClientSession() as http, http.post(
-        f"{deployment.base_url}/v1/channels",
-        json={"id": ch.id, "provider": "generic", "secret": ch.secret},
-        headers=deployment.admin_headers(),
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{deployment.base_url}/v1/channels",
+            json={"id": ch.id, "provider": "generic", "secret": ch.secret},
+            headers=deployment.admin_headers(),
+        ) as r,
+    ):
         assert r.status == 201, await r.text()
     return ch

@@ -63,7 +63,7 @@ class Deployment:
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    logs: Path = field(default_factory=lambda: Path(os.environ.get("PARLEY_TEST_LOGS", "/tmp")))
+    logs: Path = field(default_factory=lambda: Path(os.environ["PARLEY_TEST_LOGS"]))
 
     @property
     def database_url(self) -> str:
@@ -103,8 +103,11 @@ class Deployment:
         self.logs.mkdir(parents=True, exist_ok=True)
         with (self.logs / f"{self.name}-{part}.log").open("ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "parley.cli", part], env=self.env(), cwd=ROOT,
-                stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "parley.cli", part],
+                env=self.env(),
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         self.processes[part] = proc
         return proc
@@ -126,6 +129,7 @@ class Deployment:
 
     async def wait_api(self, http: aiohttp.ClientSession) -> None:
         """Until /healthz answers."""
+
         async def up() -> bool:
             if self.processes["api"].poll() is not None:
                 raise AssertionError(f"api exited:\n{self.log_of('api')[-3000:]}")
@@ -134,10 +138,12 @@ class Deployment:
                     return r.status == 200
             except aiohttp.ClientError:
                 return False
+
         await wait_until(up, 60, "the API to listen")
 
     async def wait_ready(self, http: aiohttp.ClientSession) -> dict[str, Any]:
         """Until /readyz says ready (the worker holds its partitions)."""
+
         async def ready() -> dict[str, Any] | None:
             for part, proc in self.processes.items():
                 if proc.poll() is not None:
@@ -148,6 +154,7 @@ class Deployment:
                     return body if r.status == 200 else None
             except aiohttp.ClientError:
                 return None
+
         return await wait_until(ready, 90, "readyz")
 
     def admin_headers(self) -> dict[str, str]:
@@ -167,8 +174,9 @@ class GenericChannel:
         """The whsec_ secret to register."""
         return "whsec_" + base64.b64encode(self.key).decode()
 
-    def signed(self, body: dict[str, Any] | bytes, *, msg_id: str | None = None,
-               timestamp: int | None = None) -> tuple[bytes, dict[str, str]]:
+    def signed(
+        self, body: dict[str, Any] | bytes, *, msg_id: str | None = None, timestamp: int | None = None
+    ) -> tuple[bytes, dict[str, str]]:
         """Body bytes and Standard Webhooks headers for it."""
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         msg_id = msg_id or "msg_" + uuid.uuid4().hex

@@ -27,7 +27,9 @@ async def test_worker_crash_loses_nothing_and_keeps_order(
     async def stored() -> int:
         n: int = await db.fetchval(
             "SELECT count(*) FROM messages m JOIN conversations c ON c.id = m.conversation_id"
-            " WHERE c.contact_id LIKE $1", f"crash-{run}-%")
+            " WHERE c.contact_id LIKE $1",
+            f"crash-{run}-%",
+        )
         return n
 
     async def contact_flow(contact: str) -> None:
@@ -53,7 +55,9 @@ async def test_worker_crash_loses_nothing_and_keeps_order(
         rows = await db.fetch(
             "SELECT c.contact_id, m.provider_message_id, m.text FROM messages m"
             " JOIN conversations c ON c.id = m.conversation_id WHERE c.contact_id LIKE $1"
-            " ORDER BY m.id", f"crash-{run}-%")
+            " ORDER BY m.id",
+            f"crash-{run}-%",
+        )
         assert len(rows) == CONTACTS * PER_CONTACT
         assert len({r["provider_message_id"] for r in rows}) == len(rows)  # exactly once
         by_contact: dict[str, list[int]] = {}
@@ -63,7 +67,8 @@ async def test_worker_crash_loses_nothing_and_keeps_order(
         for contact, seq in by_contact.items():
             assert seq == list(range(PER_CONTACT)), (contact, seq)
         convs = await db.fetchval(
-            "SELECT count(*) FROM conversations WHERE contact_id LIKE $1", f"crash-{run}-%")
+            "SELECT count(*) FROM conversations WHERE contact_id LIKE $1", f"crash-{run}-%"
+        )
         assert convs == CONTACTS
     finally:
         await db.close()

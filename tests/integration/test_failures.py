@@ -30,27 +30,37 @@ async def test_poison_event_is_dead_lettered_and_the_partition_moves_on(
         await producer.stop()
     # A good message on the same partition, after the poison ones.
     raw, headers = channel.signed(message("after-poison", contact, "still here"))
-    async with http.post(f"{deployment.base_url}/webhooks/generic/{channel.id}", data=raw,
-                         headers=headers) as r:
+    async with http.post(
+        f"{deployment.base_url}/webhooks/generic/{channel.id}", data=raw, headers=headers
+    ) as r:
         assert r.status == 200
 
     async def stored() -> bool:
-        async with http.get(f"{deployment.base_url}/v1/conversations", params={"contact": contact},
-                            headers=deployment.admin_headers()) as r:
+        async with http.get(
+            f"{deployment.base_url}/v1/conversations",
+            params={"contact": contact},
+            headers=deployment.admin_headers(),
+        ) as r:
             return bool((await r.json())["items"])
 
     await wait_until(stored, 30, "the good message after the poison ones")
 
-    consumer = AIOKafkaConsumer(topics.dead_letters, bootstrap_servers=deployment.services.bootstrap,
-                                auto_offset_reset="earliest", group_id=None)
+    consumer = AIOKafkaConsumer(
+        topics.dead_letters,
+        bootstrap_servers=deployment.services.bootstrap,
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
     await consumer.start()
     letters: list[dict[str, object]] = []
     try:
+
         async def two_letters() -> bool:
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 letters.extend(orjson.loads(m.value) for m in records if m.key == key)
             return len(letters) >= 2
+
         await wait_until(two_letters, 30, "two dead letters")
     finally:
         await consumer.stop()
@@ -62,29 +72,33 @@ async def test_poison_event_is_dead_lettered_and_the_partition_moves_on(
 
 
 async def test_webhook_answers_503_when_kafka_is_down(
-    http: aiohttp.ClientSession, services: Services, channel: GenericChannel,
+    http: aiohttp.ClientSession,
+    services: Services,
+    channel: GenericChannel,
     deployment: Deployment,
 ) -> None:
     broker = KafkaBroker(Path(tempfile.mkdtemp(prefix="parley-kafka-down-")), free_port())
     broker.start()
-    dep = Deployment(Services(bootstrap=broker.bootstrap, postgres_url=services.postgres_url),
-                     extra_env={"PARLEY_PRODUCE_TIMEOUT": "2"})
+    dep = Deployment(
+        Services(bootstrap=broker.bootstrap, postgres_url=services.postgres_url),
+        extra_env={"PARLEY_PRODUCE_TIMEOUT": "2"},
+    )
     await dep.create_database()
     try:
         dep.start("api")
         await dep.wait_api(http)
-        async with http.post(f"{dep.base_url}/v1/channels", headers=dep.admin_headers(),
-                             json={"id": channel.id, "provider": "generic",
-                                   "secret": channel.secret}) as r:
+        async with http.post(
+            f"{dep.base_url}/v1/channels",
+            headers=dep.admin_headers(),
+            json={"id": channel.id, "provider": "generic", "secret": channel.secret},
+        ) as r:
             assert r.status == 201
         raw, headers = channel.signed(message("while-up", "5511", "up"))
-        async with http.post(f"{dep.base_url}/webhooks/generic/{channel.id}", data=raw,
-                             headers=headers) as r:
+        async with http.post(f"{dep.base_url}/webhooks/generic/{channel.id}", data=raw, headers=headers) as r:
             assert r.status == 200
         broker.stop()
         raw, headers = channel.signed(message("while-down", "5511", "down"))
-        async with http.post(f"{dep.base_url}/webhooks/generic/{channel.id}", data=raw,
-                             headers=headers) as r:
+        async with http.post(f"{dep.base_url}/webhooks/generic/{channel.id}", data=raw, headers=headers) as r:
             body = await r.json()
             assert r.status == 503 and "retry" in body["error"], body
     finally:

@@ -12,24 +12,25 @@ import aiohttp
 from tests.integration.harness import Deployment, GenericChannel, message, wait_until
 
 
-async def _post_webhook(http: aiohttp.ClientSession, dep: Deployment, ch: GenericChannel,
-                        body: dict[str, Any] | bytes, **kw: Any) -> tuple[int, Any]:
+async def _post_webhook(
+    http: aiohttp.ClientSession, dep: Deployment, ch: GenericChannel, body: dict[str, Any] | bytes, **kw: Any
+) -> tuple[int, Any]:
     raw, headers = ch.signed(body, **kw)
     async with http.post(f"{dep.base_url}/webhooks/generic/{ch.id}", data=raw, headers=headers) as r:
         return r.status, await r.json(content_type=None)
 
 
 async def _conversations(http: aiohttp.ClientSession, dep: Deployment, **params: str) -> list[Any]:
-    async with http.get(f"{dep.base_url}/v1/conversations", params=params,
-                        headers=dep.admin_headers()) as r:
+    async with http.get(f"{dep.base_url}/v1/conversations", params=params, headers=dep.admin_headers()) as r:
         assert r.status == 200, await r.text()
         items: list[Any] = (await r.json())["items"]
         return items
 
 
 async def _messages(http: aiohttp.ClientSession, dep: Deployment, conv_id: str) -> list[Any]:
-    async with http.get(f"{dep.base_url}/v1/conversations/{conv_id}/messages",
-                        headers=dep.admin_headers()) as r:
+    async with http.get(
+        f"{dep.base_url}/v1/conversations/{conv_id}/messages", headers=dep.admin_headers()
+    ) as r:
         assert r.status == 200, await r.text()
         items: list[Any] = (await r.json())["items"]
         return items
@@ -42,17 +43,20 @@ async def test_signed_message_becomes_a_conversation_with_its_message(
     status, body = await _post_webhook(http, deployment, channel, message("wamid-1", contact, "olá"))
     assert status == 200 and body["accepted"] == f"generic:{channel.id}:wamid-1"
 
-    convs = await wait_until(lambda: _conversations(http, deployment, contact=contact), 30,
-                             "the conversation row")
+    convs = await wait_until(
+        lambda: _conversations(http, deployment, contact=contact), 30, "the conversation row"
+    )
     assert len(convs) == 1
     conv = convs[0]
     assert conv["channel_id"] == channel.id and conv["state"] == "idle" and conv["version"] >= 1
-    async with http.get(f"{deployment.base_url}/v1/conversations/{conv['id']}",
-                        headers=deployment.admin_headers()) as r:
+    async with http.get(
+        f"{deployment.base_url}/v1/conversations/{conv['id']}", headers=deployment.admin_headers()
+    ) as r:
         assert r.status == 200 and (await r.json())["id"] == conv["id"]
     msgs = await _messages(http, deployment, conv["id"])
-    assert [(m["provider_message_id"], m["direction"], m["type"], m["text"], m["status"])
-            for m in msgs] == [("wamid-1", "inbound", "text", "olá", "received")]
+    assert [(m["provider_message_id"], m["direction"], m["type"], m["text"], m["status"]) for m in msgs] == [
+        ("wamid-1", "inbound", "text", "olá", "received")
+    ]
     assert msgs[0]["id"] and msgs[0]["created_at"]
 
 
@@ -100,8 +104,7 @@ async def test_signature_and_input_failures_are_rejected_with_a_reason(
             body = await r.json()
             assert (r.status, reason in body["error"]) == (want, True), (name, r.status, body)
 
-    async with http.post(f"{deployment.base_url}/webhooks/generic/nope", data=raw,
-                         headers=headers) as r:
+    async with http.post(f"{deployment.base_url}/webhooks/generic/nope", data=raw, headers=headers) as r:
         assert r.status == 404
     big = message("big-1", "5511000", "x" * (1024 * 1024 + 10))
     big_raw, big_headers = channel.signed(big)
@@ -113,8 +116,7 @@ async def test_admin_api_needs_the_token(http: aiohttp.ClientSession, deployment
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         async with http.get(f"{deployment.base_url}/v1/conversations", headers=headers) as r:
             assert r.status == 401
-    async with http.get(f"{deployment.base_url}/v1/conversations",
-                        headers=deployment.admin_headers()) as r:
+    async with http.get(f"{deployment.base_url}/v1/conversations", headers=deployment.admin_headers()) as r:
         assert r.status == 200
 
 
@@ -124,11 +126,17 @@ async def test_channel_secrets_are_never_returned(
     async with http.get(f"{deployment.base_url}/v1/channels", headers=deployment.admin_headers()) as r:
         text = await r.text()
     assert channel.id in text and channel.secret not in text and "secret" not in text
-    async with http.post(f"{deployment.base_url}/v1/channels", headers=deployment.admin_headers(),
-                         json={"id": channel.id, "provider": "generic", "secret": channel.secret}) as r:
+    async with http.post(
+        f"{deployment.base_url}/v1/channels",
+        headers=deployment.admin_headers(),
+        json={"id": channel.id, "provider": "generic", "secret": channel.secret},
+    ) as r:
         assert r.status == 409
-    async with http.post(f"{deployment.base_url}/v1/channels", headers=deployment.admin_headers(),
-                         json={"id": "x y", "provider": "generic", "secret": "nope"}) as r:
+    async with http.post(
+        f"{deployment.base_url}/v1/channels",
+        headers=deployment.admin_headers(),
+        json={"id": "x y", "provider": "generic", "secret": "nope"},
+    ) as r:
         assert r.status == 422
 
 
@@ -149,8 +157,9 @@ async def test_listing_paginates_with_a_cursor(
     cursor: str | None = None
     while True:
         params = {"channel": channel.id, "limit": "2", **({"cursor": cursor} if cursor else {})}
-        async with http.get(f"{deployment.base_url}/v1/conversations", params=params,
-                            headers=deployment.admin_headers()) as r:
+        async with http.get(
+            f"{deployment.base_url}/v1/conversations", params=params, headers=deployment.admin_headers()
+        ) as r:
             page = await r.json()
         assert len(page["items"]) <= 2
         seen += [c["id"] for c in page["items"]]
@@ -158,8 +167,11 @@ async def test_listing_paginates_with_a_cursor(
         if cursor is None:
             break
     assert len(seen) == len(set(seen)) and len(seen) >= 5
-    async with http.get(f"{deployment.base_url}/v1/conversations", params={"cursor": "garbage"},
-                        headers=deployment.admin_headers()) as r:
+    async with http.get(
+        f"{deployment.base_url}/v1/conversations",
+        params={"cursor": "garbage"},
+        headers=deployment.admin_headers(),
+    ) as r:
         assert r.status == 400
 
 
