@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +39,34 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+class BatchStats:
+    """Logs batch sizes and apply times every interval, so a slow worker explains itself."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._reset(time.monotonic())
+
+    def _reset(self, now: float) -> None:
+        self.since, self.batches, self.events, self.busy = now, 0, 0, 0.0
+
+    def observe(self, size: int, seconds: float) -> None:
+        """Count one handled batch; log and reset once per interval."""
+        self.batches += 1
+        self.events += size
+        self.busy += seconds
+        now = time.monotonic()
+        if now - self.since >= self.interval:
+            log.info(
+                "lifecycle: %d events in %d batches (avg %.0f/batch, %.1f ms/batch), %.0f%% busy",
+                self.events,
+                self.batches,
+                self.events / self.batches,
+                1000 * self.busy / self.batches,
+                100 * self.busy / (now - self.since),
+            )
+            self._reset(now)
+
+
 class LifecycleAgent:
     """Owns the lifecycle agent's resources: the pool, the topics, the retry policy."""
 
@@ -52,6 +81,7 @@ class LifecycleAgent:
         self._pool_lock = asyncio.Lock()
         self.applied = 0
         self.dead_lettered = 0
+        self.stats = BatchStats()
 
     def register(self) -> None:
         """Attach the agent to the app."""
@@ -70,11 +100,42 @@ class LifecycleAgent:
             await self._pool.close()
 
     async def _run(self, stream: faust.StreamT[bytes]) -> None:
-        within = self.settings.worker_batch_within.total_seconds()
-        # take_events exists on faust.Stream but is missing from the StreamT protocol.
-        take_events = stream.take_events  # type: ignore[attr-defined]
-        async for batch in take_events(self.settings.worker_batch_size, within=within):
-            await self.handle(batch)
+        # Opportunistic batching: while one batch is written, the next accumulates, so batches
+        # grow with load and an idle worker writes a lone event at once (no fixed linger).
+        # Acks are manual and happen only after the batch is safely in Postgres or parked.
+        manual = stream.noack()  # type: ignore[attr-defined]  # on faust.Stream, not on StreamT
+        pending: list[Any] = []
+        ready = asyncio.Event()
+        room = asyncio.Event()
+        room.set()
+        limit = self.settings.worker_batch_size
+
+        async def writer() -> None:
+            while True:
+                await ready.wait()
+                batch = pending[:limit]
+                del pending[:limit]
+                if not pending:
+                    ready.clear()
+                room.set()
+                started = time.perf_counter()
+                await self.handle(batch)
+                for event in batch:
+                    await manual.ack(event)
+                self.stats.observe(len(batch), time.perf_counter() - started)
+
+        task = asyncio.create_task(writer())
+        try:
+            async for event in manual.events():
+                pending.append(event)
+                ready.set()
+                if len(pending) >= 2 * limit:
+                    room.clear()
+                    await room.wait()  # backpressure: the writer is behind by two batches
+                if task.done():
+                    task.result()  # the writer never fails by design; if it did, crash loudly
+        finally:
+            task.cancel()
 
     async def handle(self, batch: Sequence[Any]) -> None:
         """Decode, apply, dead-letter what cannot be applied; returns only when all is safe."""

@@ -200,7 +200,9 @@ def _conversation_row(conv: Conversation, window: Any) -> tuple[Any, ...]:
 
 
 async def apply_batch(
-    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, events: Sequence[ConversationEvent], policy: LifecyclePolicy
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    events: Sequence[ConversationEvent],
+    policy: LifecyclePolicy,
 ) -> BatchResult:
     """Apply events (in order) in one transaction; raises StaleVersion if another writer won."""
     result = BatchResult()

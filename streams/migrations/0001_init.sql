@@ -45,7 +45,8 @@ CREATE TABLE messages (
     payload              jsonb NOT NULL DEFAULT '{}'::jsonb,
     status               text NOT NULL,
     sent_at              timestamptz NOT NULL,
-    created_at           timestamptz NOT NULL DEFAULT now(),
+    -- clock_timestamp(), not now(): the row's real insert time, for webhook-to-row latency
+    created_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
     UNIQUE (channel_id, direction, provider_message_id)
 );
 CREATE INDEX messages_conversation ON messages (conversation_id, id);

@@ -122,6 +122,10 @@ class Deployment:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
 
+    def stop(self, part: str) -> None:
+        """Stop one process gracefully."""
+        stop(self.processes.pop(part))
+
     def stop_all(self) -> None:
         """Stop every process this deployment started."""
         for part in list(self.processes):

@@ -1,0 +1,161 @@
+"""Parley's own figures: webhook ingress, worker throughput into Postgres, webhook-to-row latency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
+
+import aiohttp
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from streams.records import InboundMessage
+from streams.topics import Topics, thread_key
+from tests.integration.harness import Deployment, GenericChannel, message, wait_until
+
+
+async def register(http: aiohttp.ClientSession, dep: Deployment, ch: GenericChannel) -> None:
+    """Create the generic channel the load is signed for."""
+    async with http.post(
+        f"{dep.base_url}/v1/channels",
+        headers=dep.admin_headers(),
+        json={"id": ch.id, "provider": "generic", "secret": ch.secret},
+    ) as r:
+        assert r.status == 201, await r.text()
+
+
+async def stored_rows(db: asyncpg.Connection) -> int:
+    """Messages inserted so far: the id sequence, read without scanning the table."""
+    n: int = await db.fetchval("SELECT COALESCE(max(id), 0) FROM messages")
+    return n
+
+
+async def _reached(db: asyncpg.Connection, n: int) -> bool:
+    return await stored_rows(db) >= n
+
+
+async def worker_throughput(dep: Deployment, channel_id: str, n: int, contacts: int = 2000) -> float:
+    """Events per second from Kafka into Postgres rows, the worker alone: the events are produced
+    while the worker is stopped, then it starts and drains them; timed from first to last row."""
+    run = uuid.uuid4().hex[:6]
+    now = datetime.now(UTC)
+    topic = Topics(dep.name).conversation_events
+    producer = AIOKafkaProducer(
+        bootstrap_servers=dep.services.bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+    )
+    db = await asyncpg.connect(dep.database_url)
+    dep.stop("worker")
+    await producer.start()
+    try:
+        for off in range(0, n, 5000):
+            futs = []
+            for i in range(off, min(n, off + 5000)):
+                contact = f"w{run}-{i % contacts}"
+                rec = InboundMessage(
+                    event_id=f"bench:{run}:{i}",
+                    channel_id=channel_id,
+                    contact_id=contact,
+                    provider="generic",
+                    provider_message_id=f"w{run}-{i}",
+                    text="hello",
+                    sent_at=now,
+                    received_at=now,
+                )
+                futs.append(
+                    await producer.send(
+                        topic, rec.model_dump_json().encode(), key=thread_key(channel_id, contact)
+                    )
+                )
+            await asyncio.gather(*futs)
+        base = await stored_rows(db)
+        dep.start("worker")
+        await wait_until(lambda: _reached(db, base + 1), 120, "the first row")
+        start = time.perf_counter()
+        first = await stored_rows(db) - base
+        await wait_until(lambda: _reached(db, base + n), 600, "all rows")
+        return (n - first) / (time.perf_counter() - start)
+    finally:
+        await producer.stop()
+        await db.close()
+
+
+async def ingress(
+    dep: Deployment, ch: GenericChannel, n: int, concurrency: int = 64, rate: float | None = None
+) -> tuple[float, list[float], list[tuple[str, float]]]:
+    """Send n signed webhooks (flat out, or paced at `rate`/s); returns (accepted/s, latencies, sent)."""
+    run = uuid.uuid4().hex[:6]
+    bodies = [ch.signed(message(f"h{run}-{i}", f"h{run}-{i % 2000}", "hello")) for i in range(n)]
+    latencies: list[float] = []
+    sent: list[tuple[str, float]] = []
+    url = f"{dep.base_url}/webhooks/generic/{ch.id}"
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def client() -> None:
+            while True:
+                i = await queue.get()
+                if i < 0:
+                    return
+                raw, headers = bodies[i]
+                t0 = time.perf_counter()
+                wall = time.time()
+                async with http.post(url, data=raw, headers=headers) as r:
+                    await r.read()
+                    if r.status == 200:
+                        latencies.append(time.perf_counter() - t0)
+                        sent.append((f"h{run}-{i}", wall))
+
+        workers = [asyncio.create_task(client()) for _ in range(concurrency)]
+        start = time.perf_counter()
+        for i in range(n):
+            if rate:
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing the offered load
+            queue.put_nowait(i)
+        for _ in workers:
+            queue.put_nowait(-1)
+        await asyncio.gather(*workers)
+        elapsed = time.perf_counter() - start
+    return len(latencies) / elapsed, latencies, sent
+
+
+async def webhook_to_row(dep: Deployment, sent: list[tuple[str, float]]) -> list[float]:
+    """Seconds from a webhook's send to its row's insert, for every message in `sent`."""
+    db = await asyncpg.connect(dep.database_url)
+    try:
+        ids = [s[0] for s in sent]
+        await wait_until(lambda: _all_in(db, ids), 300, "every paced message")
+        rows = await db.fetch(
+            "SELECT provider_message_id, extract(epoch FROM created_at) AS at FROM messages"
+            " WHERE channel_id = 'bench' AND direction = 'inbound'"
+            " AND provider_message_id = ANY($1::text[])",
+            ids,
+        )
+        at = {r["provider_message_id"]: float(r["at"]) for r in rows}
+        return [at[i] - t for i, t in sent]
+    finally:
+        await db.close()
+
+
+async def _all_in(db: asyncpg.Connection, ids: list[str]) -> bool:
+    # Cheap probe first (the last id sent is usually among the last stored), exact check after.
+    if not await db.fetchval(
+        "SELECT 1 FROM messages WHERE channel_id = 'bench' AND direction = 'inbound'"
+        " AND provider_message_id = $1",
+        ids[-1],
+    ):
+        return False
+    n: int = await db.fetchval(
+        "SELECT count(*) FROM messages WHERE channel_id = 'bench' AND direction = 'inbound'"
+        " AND provider_message_id = ANY($1::text[])",
+        ids,
+    )
+    return n >= len(ids)
