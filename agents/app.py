@@ -8,6 +8,8 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from agents.lifecycle import LifecycleAgent
+from agents.metrics import serve
+from agents.sweep import Sweep
 from streams.settings import Settings
 from streams.topics import Topics
 
@@ -54,4 +56,24 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     topics = Topics(settings.topic_prefix)
     lifecycle = LifecycleAgent(app, settings, topics)
     lifecycle.register()
+    sweep = Sweep(lifecycle.pool, lifecycle.source, settings.sweep_interval)
+    app.task(lifecycle.timers.run)
+    app.task(sweep.run)
+
+    async def metrics() -> None:
+        def gauges() -> dict[str, float]:
+            lateness = sorted(lifecycle.timers.lateness_ms) or [0.0]
+            return {
+                "parley_lifecycle_events_applied_total": lifecycle.applied,
+                "parley_lifecycle_dead_lettered_total": lifecycle.dead_lettered,
+                "parley_timers_active": len(lifecycle.timers.wheel),
+                "parley_timers_fired_total": lifecycle.timers.fired,
+                "parley_timer_lateness_p99_ms": lateness[int(0.99 * (len(lateness) - 1))],
+                "parley_sweep_runs_total": sweep.runs,
+                "parley_sweep_refired_total": sweep.refired_total,
+            }
+
+        await serve(settings.http_host, settings.worker_metrics_port, gauges)
+
+    app.task(metrics)
     return app, lifecycle

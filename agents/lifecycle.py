@@ -19,6 +19,7 @@ import asyncpg
 import faust
 from pydantic import ValidationError
 
+from agents.timers import Timers
 from streams.projection import BatchResult, StaleVersion, apply_batch
 from streams.records import CONVERSATION_EVENT, ConversationEvent, DeadLetter
 from streams.schema import create_pool
@@ -76,6 +77,7 @@ class LifecycleAgent:
         self.policy = settings.policy()
         self.topics = topics
         self.source = app.topic(topics.conversation_events, key_serializer="raw", value_serializer="raw")
+        self.timers = Timers(app, self.source, settings.topic_partitions)
         self.dead_letters = app.topic(topics.dead_letters, key_serializer="raw", value_serializer="raw")
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
@@ -148,12 +150,15 @@ class LifecycleAgent:
         if not decoded:
             return
         try:
-            await self._apply([record for _, record in decoded])
-        except Exception:
+            result = await self._apply([record for _, record in decoded])
+            self.timers.apply(result.timers)
+        except Exception:  # noqa: BLE001 - whatever failed, fall back to one event at a time
+            # A batch that keeps failing for its own reasons is retried one event at a time,
+            # so only the poison event is parked.
             for event, record in decoded:
                 try:
-                    await self._apply([record])
-                except Exception as exc:
+                    self.timers.apply((await self._apply([record])).timers)
+                except Exception as exc:  # noqa: BLE001 - poison: park it, never drop it
                     await self.dead_letter(
                         event, f"{type(exc).__name__}: {exc}", self.settings.worker_retries + 1
                     )

@@ -42,6 +42,7 @@ from streams.records import (
     conversation_id_for,
     occurred_at,
 )
+from streams.topics import thread_key
 
 Thread = tuple[str, str]
 # WhatsApp lets a business answer freely for 24 h after the user's last message.
@@ -58,7 +59,7 @@ class BatchResult:
 
     applied: int = 0
     duplicates: int = 0
-    timers: list[tuple[Thread, SetTimer | CancelTimer]] = field(default_factory=list)
+    timers: list[tuple[bytes, SetTimer | CancelTimer]] = field(default_factory=list)
     emits: list[Emit] = field(default_factory=list)
 
 
@@ -304,7 +305,7 @@ async def apply_batch(
                         )
                     )
                 elif isinstance(effect, SetTimer | CancelTimer):
-                    result.timers.append((thread, effect))
+                    result.timers.append((thread_key(*thread), effect))
                 elif isinstance(effect, Emit):
                     result.emits.append(effect)
             result.applied += 1

@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     kafka_session_timeout: Duration = timedelta(seconds=10)
 
     app_id: str = "parley"
+    worker_metrics_port: int = 9464
     worker_batch_size: int = Field(1000, ge=1)
     worker_batch_within: Duration = timedelta(milliseconds=10)
     worker_retries: int = Field(5, ge=0)

@@ -48,9 +48,10 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture(scope="module")
-async def deployment(services: Services) -> AsyncIterator[Deployment]:
-    """A running worker + API with their own topics, group and database."""
-    dep = Deployment(services)
+async def deployment(services: Services, request: pytest.FixtureRequest) -> AsyncIterator[Deployment]:
+    """A running worker + API with their own topics, group and database; a test module may set
+    DEPLOYMENT_ENV (e.g. short timeouts)."""
+    dep = Deployment(services, extra_env=dict(getattr(request.module, "DEPLOYMENT_ENV", {})))
     await dep.create_database()
     dep.start("worker")
     dep.start("api")

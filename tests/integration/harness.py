@@ -60,6 +60,7 @@ class Deployment:
     services: Services
     name: str = field(default_factory=lambda: "t" + uuid.uuid4().hex[:10])
     http_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -84,6 +85,7 @@ class Deployment:
             "PARLEY_TOPIC_PREFIX": self.name,
             "PARLEY_APP_ID": self.name,
             "PARLEY_HTTP_PORT": str(self.http_port),
+            "PARLEY_WORKER_METRICS_PORT": str(self.metrics_port),
             "PARLEY_ADMIN_TOKEN": self.admin_token,
             "PARLEY_DATA_DIR": str(self.logs / self.name),
             "PARLEY_LOG_LEVEL": "WARNING",

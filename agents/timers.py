@@ -1,0 +1,161 @@
+"""Close timers: a Faust table (the durable truth) plus an in-memory timer wheel (the index).
+
+The table is keyed by thread, like the conversation topic, and uses the producer's
+partitioner, so each timer's changelog partition is its conversation's partition. The wheel
+holds every timer of the partitions this worker owns and is rebuilt from the table after each
+rebalance/recovery. A due timer is not acted on here: it becomes a TimerFired event on its
+conversation's own partition, applied by the lifecycle agent in order with everything else.
+Firing twice is harmless: the event id is the timer's identity, so the ledger drops a repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import struct
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+
+from domain.lifecycle import CancelTimer, SetTimer
+from domain.timer_wheel import TimerWheel
+from streams.records import TimerFiredRecord
+from streams.topics import split_thread_key
+
+log = logging.getLogger(__name__)
+
+# Table value: conversation uuid, version, due ms. 28 bytes, no per-timer Python object graph.
+_VALUE = struct.Struct(">16sIq")
+
+
+def due_ms(at: datetime) -> int:
+    """A deadline in whole ms, rounded up so a timer never fires before its deadline."""
+    return math.ceil(at.timestamp() * 1000)
+
+
+def timer_event_id(conversation_id: str, version: int, due: int) -> str:
+    """The identity of one timer firing; the sweep uses the same one, so repeats dedupe."""
+    return f"timer:{conversation_id}:{version}:{due}"
+
+
+def pack(conversation_id: str, version: int, due: int) -> bytes:
+    """Encode a table value."""
+    return _VALUE.pack(uuid.UUID(conversation_id).bytes, version, due)
+
+
+def unpack(value: bytes) -> tuple[str, int, int]:
+    """Decode a table value."""
+    raw, version, due = _VALUE.unpack(value)
+    return str(uuid.UUID(bytes=raw)), version, due
+
+
+class Timers:
+    """The timer table, its wheel, and the loop that turns due timers into events."""
+
+    def __init__(self, app: faust.App, source: faust.TopicT, partitions: int) -> None:
+        self.app = app
+        self.source = source
+        self.table = app.Table(
+            "timers",
+            schema=faust.Schema(
+                key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+            ),
+            partitions=partitions,
+            use_partitioner=True,
+            help="close deadline per conversation thread",
+        )
+        self.wheel: TimerWheel[bytes] = TimerWheel(int(time.time() * 1000))
+        self._wake = asyncio.Event()
+        self._ready = asyncio.Event()
+        self.fired = 0
+        self.lateness_ms: list[float] = []  # a bounded sample, for the metrics endpoint
+        self.table.on_recover(self.rebuild)
+
+    async def rebuild(self) -> None:
+        """Re-index every timer of the partitions we hold (after assignment or recovery)."""
+        started = time.perf_counter()
+        items = ((key, unpack(value)[2]) for key, value in self.table.items())
+        self.wheel = TimerWheel.build(items, int(time.time() * 1000))
+        self._ready.set()
+        self._wake.set()
+        log.info(
+            "timers: index rebuilt with %d timers in %.0f ms",
+            len(self.wheel),
+            1000 * (time.perf_counter() - started),
+        )
+
+    def apply(self, effects: Iterable[tuple[bytes, SetTimer | CancelTimer]]) -> None:
+        """Carry out the timer effects of a committed batch, in order."""
+        earliest = self.wheel.next_due_ms()
+        for key, effect in effects:
+            if isinstance(effect, SetTimer):
+                due = due_ms(effect.due_at)
+                self.table[key] = pack(effect.conversation_id, effect.version, due)
+                self.wheel.schedule(key, due)
+                if earliest is None or due < earliest:
+                    earliest = due
+                    self._wake.set()
+            else:
+                current = self.table.get(key)
+                if current is not None and unpack(current)[0] == effect.conversation_id:
+                    del self.table[key]
+                self.wheel.cancel(key)
+
+    async def run(self) -> None:
+        """Sleep until the next due timer (or a wake-up), fire what is due, repeat."""
+        await self._ready.wait()
+        while True:
+            now = int(time.time() * 1000)
+            due = self.wheel.pop_due(now)
+            if due:
+                try:
+                    await self._fire(due, now)
+                except Exception as exc:  # noqa: BLE001 - Kafka trouble: keep the timers, retry
+                    log.warning("timers: firing %d timers failed (%s); retrying in 1s", len(due), exc)
+                    for key, due_at in due:
+                        self.wheel.schedule(key, due_at)
+                    await asyncio.sleep(1.0)  # backoff before retrying the broker
+                continue
+            nxt = self.wheel.next_due_ms()
+            timeout = 1.0 if nxt is None else max(0.0, min(1.0, (nxt - now) / 1000))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _fire(self, due: list[tuple[bytes, int]], now: int) -> None:
+        fired_at = datetime.fromtimestamp(now / 1000, UTC)
+        futures: list[Any] = []
+        for key, due_at in due:
+            value = self.table.get(key)
+            if value is None:
+                continue  # cancelled after it was indexed
+            conversation_id, version, table_due = unpack(value)
+            if table_due != due_at:
+                continue  # rescheduled; the wheel holds the newer due
+            channel_id, contact_id = split_thread_key(key)
+            record = TimerFiredRecord(
+                event_id=timer_event_id(conversation_id, version, due_at),
+                channel_id=channel_id,
+                contact_id=contact_id,
+                conversation_id=conversation_id,
+                version=version,
+                due_at=datetime.fromtimestamp(due_at / 1000, UTC),
+                fired_at=fired_at,
+            )
+            futures.append(await self.source.send(key=key, value=record.model_dump_json().encode()))
+            self._observe(now - due_at)
+        for fut in futures:
+            await fut  # wait for acks=all: a due timer is either on its partition or re-fired
+        self.fired += len(futures)
+
+    def _observe(self, lateness: float) -> None:
+        if len(self.lateness_ms) >= 10_000:
+            del self.lateness_ms[:5_000]
+        self.lateness_ms.append(lateness)
