@@ -62,9 +62,8 @@ class Timers:
         self.source = source
         self.table = app.Table(
             "timers",
-            schema=faust.Schema(
-                key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-            ),
+            key_type=bytes,  # bytes -> the raw codec for the table and its changelog
+            value_type=bytes,
             partitions=partitions,
             use_partitioner=True,
             help="close deadline per conversation thread",

@@ -29,7 +29,8 @@ class Thread:
 
     def message(self, text: str, at: datetime, message_id: str | None = None) -> InboundMessage:
         """A user's message received at `at`."""
-        mid = message_id or "m-" + uuid.uuid4().hex[:10]
+        # Provider ids are unique per channel: scope the readable name to this thread.
+        mid = f"{self.contact_id}:{message_id or uuid.uuid4().hex[:10]}"
         return InboundMessage(
             event_id=f"generic:{self.channel_id}:{mid}",
             channel_id=self.channel_id,
@@ -80,7 +81,7 @@ class Thread:
             version=conv["version"],
             due_at=deadline,
             fired_at=fired_at or max(deadline, datetime.now(UTC)),
-            source=source,  # type: ignore[arg-type]
+            source=source,
         )
 
     async def produce(self, *records: Record) -> None:
@@ -128,8 +129,8 @@ class Thread:
         return [
             dict(r)
             for r in await db.fetch(
-                "SELECT kind, from_state, to_state, cause, detail, version, occurred_at FROM conversation_events"
-                " WHERE conversation_id = $1 ORDER BY id",
+                "SELECT kind, from_state, to_state, cause, detail, version, occurred_at"
+                " FROM conversation_events WHERE conversation_id = $1 ORDER BY id",
                 conv_id,
             )
         ]
@@ -142,7 +143,7 @@ class Thread:
             self.channel_id,
             self.contact_id,
         )
-        return [r["provider_message_id"] for r in rows]
+        return [r["provider_message_id"].split(":", 1)[-1] for r in rows]
 
 
 async def register_channel(

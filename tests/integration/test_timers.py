@@ -133,4 +133,4 @@ async def test_agent_close_then_user_writes_again_opens_a_linked_conversation(
         f"{deployment.base_url}/v1/conversations/{first['id']}/events", headers=deployment.admin_headers()
     ) as r:
         log = (await r.json())["items"]
-    assert [e["kind"] for e in log][0] == "opened" and any(e["kind"] == "closed" for e in log)
+    assert log[0]["kind"] == "opened" and any(e["kind"] == "closed" for e in log)

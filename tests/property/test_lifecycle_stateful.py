@@ -39,8 +39,19 @@ from domain.lifecycle import (
 from domain.policy import LifecyclePolicy
 
 TEXTS = [
-    None, "", "oi", "Qual o prazo?", "tchau", "obrigado", "Ok, pode fechar então", "sim",
-    "não", "espera", "thanks, bye", "ya puede cerrar", "posso fazer outra pergunta?",
+    None,
+    "",
+    "oi",
+    "Qual o prazo?",
+    "tchau",
+    "obrigado",
+    "Ok, pode fechar então",
+    "sim",
+    "não",
+    "espera",
+    "thanks, bye",
+    "ya puede cerrar",
+    "posso fazer outra pergunta?",
 ]
 # short timeouts so deadlines are actually reached within a run
 POLICIES = [
@@ -84,9 +95,7 @@ class ThreadMachine(RuleBasedStateMachine):
 
     def apply(self, event: Event) -> Decision:
         before = self.conv
-        decision = transition(
-            before, event, self.now, self.policy, channel_id="wa", contact_id="5511"
-        )
+        decision = transition(before, event, self.now, self.policy, channel_id="wa", contact_id="5511")
         after = decision.conversation
         self.check_step(before, event, decision)
         self.timers += [e for e in decision.effects if isinstance(e, SetTimer)]
@@ -225,12 +234,15 @@ class ThreadMachine(RuleBasedStateMachine):
         decision = self.apply(event)
         closed = decision.conversation
         assert closed is not None and closed.state is State.CLOSED
-        assert closed.close_reason is {
-            State.IDLE: CloseReason.EXPIRED,
-            State.PROCESSING: CloseReason.IDLE_TIMEOUT,
-            State.AWAITING_CONFIRMATION: CloseReason.USER_CLOSED,
-            State.WAITING_CLOSE: conv.pending_close_reason,
-        }[conv.state]
+        assert (
+            closed.close_reason
+            is {
+                State.IDLE: CloseReason.EXPIRED,
+                State.PROCESSING: CloseReason.IDLE_TIMEOUT,
+                State.AWAITING_CONFIRMATION: CloseReason.USER_CLOSED,
+                State.WAITING_CLOSE: conv.pending_close_reason,
+            }[conv.state]
+        )
 
     @invariant()
     def one_closed_record_per_close(self) -> None:

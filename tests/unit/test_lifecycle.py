@@ -367,8 +367,9 @@ def test_first_message_that_says_goodbye_still_opens_at_version_one() -> None:
     assert (conv.state, conv.version, conv.state_before_close) == (AWAIT, 1, IDLE)
 
 
-@pytest.mark.parametrize("event", [e(make(State.IDLE)) for n, e in EVENTS.items() if n not in (
-    "message", "farewell")])
+@pytest.mark.parametrize(
+    "event", [e(make(State.IDLE)) for n, e in EVENTS.items() if n not in ("message", "farewell")]
+)
 def test_non_message_events_without_conversation_do_nothing(event: Event) -> None:
     assert run(None, event, T0) == Decision(None, False, ())
 
@@ -388,8 +389,14 @@ def test_accept_in_pending_close_drops_the_pending_close() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("sim", WAIT), ("pode", WAIT), ("obrigado", WAIT), ("não", PROC), ("espera", PROC),
-     ("qual o horário de vocês?", PROC)],
+    [
+        ("sim", WAIT),
+        ("pode", WAIT),
+        ("obrigado", WAIT),
+        ("não", PROC),
+        ("espera", PROC),
+        ("qual o horário de vocês?", PROC),
+    ],
 )
 def test_replies_in_awaiting_confirmation(text: str, expected: State) -> None:
     conv = run(make(AWAIT), msg(text), T0 + timedelta(seconds=10)).conversation
@@ -412,13 +419,16 @@ def test_message_within_reopen_window_reopens_same_conversation() -> None:
     closed = make(State.CLOSED)
     event = msg("Esqueci de perguntar o prazo")
     decision = transition(
-        closed, event, T0 + timedelta(minutes=2), reopen_policy(), channel_id="wa",
+        closed,
+        event,
+        T0 + timedelta(minutes=2),
+        reopen_policy(),
+        channel_id="wa",
         contact_id="5511",
     )
     conv = decision.conversation
     assert conv is not None and conv.id == CONV_ID
-    assert (conv.state, conv.version, conv.close_reason, conv.closed_at) == (
-        PROC, VERSION + 1, None, None)
+    assert (conv.state, conv.version, conv.close_reason, conv.closed_at) == (PROC, VERSION + 1, None, None)
     assert "Record:reopened" in tags(decision.effects)
     assert StoreMessage(CONV_ID, "wamid-1") in decision.effects
 
@@ -426,7 +436,11 @@ def test_message_within_reopen_window_reopens_same_conversation() -> None:
 def test_sign_off_within_reopen_window_is_stored_without_reopening() -> None:
     closed = make(State.CLOSED)
     decision = transition(
-        closed, msg("obrigado!"), T0 + timedelta(minutes=2), reopen_policy(), channel_id="wa",
+        closed,
+        msg("obrigado!"),
+        T0 + timedelta(minutes=2),
+        reopen_policy(),
+        channel_id="wa",
         contact_id="5511",
     )
     assert decision.changed is False and decision.conversation is closed
@@ -436,7 +450,11 @@ def test_sign_off_within_reopen_window_is_stored_without_reopening() -> None:
 def test_message_after_reopen_window_opens_new_linked_conversation() -> None:
     closed = make(State.CLOSED)
     decision = transition(
-        closed, msg("Oi de novo"), T0 + timedelta(minutes=6), reopen_policy(), channel_id="wa",
+        closed,
+        msg("Oi de novo"),
+        T0 + timedelta(minutes=6),
+        reopen_policy(),
+        channel_id="wa",
         contact_id="5511",
     )
     conv = decision.conversation
@@ -455,9 +473,7 @@ def test_custom_detector_is_used() -> None:
             return 1.0
 
     policy = LifecyclePolicy(detector=Always())
-    decision = transition(
-        make(IDLE), msg("qualquer coisa"), T0, policy, channel_id="wa", contact_id="5511"
-    )
+    decision = transition(make(IDLE), msg("qualquer coisa"), T0, policy, channel_id="wa", contact_id="5511")
     assert decision.conversation is not None
     assert decision.conversation.state is WAIT
 

@@ -1,0 +1,105 @@
+"""Timers survive a crash: kill -9 the worker with 1,000 timers pending; each fires once."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+import aiohttp
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from streams.topics import Topics
+from tests.integration.harness import Deployment, GenericChannel, wait_until
+from tests.integration.lifecycle_helpers import Thread, now
+
+DEPLOYMENT_ENV = {"PARLEY_TIMEOUT_IDLE": "12", "PARLEY_SWEEP_INTERVAL": "3"}
+N = 1000
+
+
+async def test_pending_timers_fire_exactly_once_after_kill_9(
+    http: aiohttp.ClientSession, deployment: Deployment, channel: GenericChannel
+) -> None:
+    threads = [Thread(deployment, channel.id) for _ in range(N)]
+    producer = AIOKafkaProducer(
+        bootstrap_servers=deployment.services.bootstrap, acks="all", enable_idempotence=True
+    )
+    await producer.start()
+    try:
+        futs = [
+            await producer.send(
+                Topics(deployment.name).conversation_events,
+                t.message("oi", now(), "m").model_dump_json().encode(),
+                key=t.key,
+            )
+            for t in threads
+        ]
+        for fut in futs:
+            await fut
+    finally:
+        await producer.stop()
+    db = await asyncpg.connect(deployment.database_url)
+    try:
+
+        async def count(sql: str) -> int:
+            n: int = await db.fetchval(sql, channel.id)
+            return n
+
+        opened = "SELECT count(*) FROM conversations WHERE channel_id = $1"
+        closed = "SELECT count(*) FROM conversations WHERE channel_id = $1 AND state = 'closed'"
+        await wait_until(lambda: _at_least(count(opened), N), 60, "1,000 open conversations")
+        assert await count(closed) == 0, "the crash must happen while the timers are pending"
+        deployment.kill("worker")
+        deployment.start("worker")
+        await wait_until(lambda: _at_least(count(closed), N), 120, "every timer to fire")
+
+        rows = await db.fetch(
+            "SELECT c.id, c.close_reason, e.cause, e.occurred_at FROM conversations c"
+            " JOIN conversation_events e ON e.conversation_id = c.id AND e.kind = 'closed'"
+            " WHERE c.channel_id = $1",
+            channel.id,
+        )
+        assert len(rows) == N  # one close per conversation: no timer lost, none fired twice
+        assert {r["close_reason"] for r in rows} == {"expired"}
+        for r in rows:
+            source, _, due = r["cause"].partition(":")
+            assert source in {"timer", "sweep"}
+            assert r["occurred_at"] >= datetime.fromisoformat(due)  # never early
+        assert await db.fetchval("SELECT count(*) FROM conversations WHERE channel_id = $1", channel.id) == N
+    finally:
+        await db.close()
+
+
+async def _at_least(count: object, n: int) -> bool:
+    return await count >= n  # type: ignore[misc, no-any-return, operator]
+
+
+async def test_sweep_refires_a_lost_timer_and_counts_it(
+    http: aiohttp.ClientSession, deployment: Deployment, channel: GenericChannel
+) -> None:
+    """A conversation whose timer was lost (here: written straight to Postgres, never to the
+    timer table) is closed by the backup sweep, through the event log, at its deadline."""
+    t = Thread(deployment, channel.id)
+    db = await asyncpg.connect(deployment.database_url)
+    try:
+        deadline = now() - timedelta(seconds=10)
+        conv_id = str(uuid.uuid4())
+        await db.execute(
+            "INSERT INTO conversations (id, channel_id, contact_id, state, version, opened_at, updated_at,"
+            " deadline_at) VALUES ($1, $2, $3, 'idle', 1, $4, $4, $5)",
+            conv_id,
+            channel.id,
+            t.contact_id,
+            deadline - timedelta(seconds=12),
+            deadline,
+        )
+        [conv] = await t.wait(db, "the sweep to close it", lambda c: c[0]["state"] == "closed", 30)
+        assert conv["close_reason"] == "expired"
+        [closed] = [e for e in await t.events(db, conv_id) if e["kind"] == "closed"]
+        assert closed["cause"].startswith("sweep:")
+    finally:
+        await db.close()
+    async with http.get(f"http://127.0.0.1:{deployment.metrics_port}/metrics") as r:
+        metrics = dict(line.split() for line in (await r.text()).splitlines())
+    assert float(metrics["parley_sweep_refired_total"]) >= 1
+    assert float(metrics["parley_sweep_runs_total"]) >= 1
