@@ -49,7 +49,7 @@ async def test_a_user_message_just_before_expiry_keeps_the_conversation_open(
     deadline = _deadline(conv)
     # The worker's expiry (for version 1) lands after the user's "Obrigado!" on the partition.
     await t.produce(t.message("Obrigado!", deadline - timedelta(seconds=1), "thanks"), t.timer(conv))
-    [after] = await t.wait(db, "the stale timer to be applied", lambda c: c[0]["version"] >= 2)
+    await t.wait(db, "the stale timer to be applied", lambda c: c[0]["version"] >= 2)
     sentinel = t.message("Posso fazer outra pergunta?", deadline + timedelta(seconds=2), "question")
     await t.produce(sentinel)
     await t.wait(db, "the question", lambda c: c[0]["version"] >= 3)

@@ -5,6 +5,7 @@ in Postgres."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections import defaultdict
 from datetime import datetime
@@ -118,7 +119,7 @@ async def test_random_traffic_around_deadlines_keeps_every_invariant(
                 CloseReason(e["detail"].split(" -> ")[1]) for e in entries if e["kind"] == "close_upgraded"
             ]
             assert reasons[-1] == CloseReason(c["close_reason"])
-            for before, after in zip(reasons, reasons[1:], strict=False):
+            for before, after in itertools.pairwise(reasons):
                 assert after.priority > before.priority
                 assert not (before.is_explicit and not after.is_explicit)
         # Each thread's conversations chain to their predecessor.
@@ -127,7 +128,7 @@ async def test_random_traffic_around_deadlines_keeps_every_invariant(
             by_contact[c["contact_id"]].append(c)
         for chain in by_contact.values():
             assert chain[0]["previous_conversation_id"] is None
-            for prev, nxt in zip(chain, chain[1:], strict=False):
+            for prev, nxt in itertools.pairwise(chain):
                 assert nxt["previous_conversation_id"] == prev["id"]
         assert closes_requested > 0
         # The traffic really exercised the races: every kind of close happened.

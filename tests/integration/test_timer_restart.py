@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 import aiohttp
@@ -47,11 +48,11 @@ async def test_pending_timers_fire_exactly_once_after_kill_9(
 
         opened = "SELECT count(*) FROM conversations WHERE channel_id = $1"
         closed = "SELECT count(*) FROM conversations WHERE channel_id = $1 AND state = 'closed'"
-        await wait_until(lambda: _at_least(count(opened), N), 60, "1,000 open conversations")
+        await wait_until(lambda: _at_least(count, opened, N), 60, "1,000 open conversations")
         assert await count(closed) == 0, "the crash must happen while the timers are pending"
         deployment.kill("worker")
         deployment.start("worker")
-        await wait_until(lambda: _at_least(count(closed), N), 120, "every timer to fire")
+        await wait_until(lambda: _at_least(count, closed, N), 120, "every timer to fire")
 
         rows = await db.fetch(
             "SELECT c.id, c.close_reason, e.cause, e.occurred_at FROM conversations c"
@@ -70,8 +71,8 @@ async def test_pending_timers_fire_exactly_once_after_kill_9(
         await db.close()
 
 
-async def _at_least(count: object, n: int) -> bool:
-    return await count >= n  # type: ignore[misc, no-any-return, operator]
+async def _at_least(count: Callable[[str], Awaitable[int]], sql: str, n: int) -> bool:
+    return await count(sql) >= n
 
 
 async def test_sweep_refires_a_lost_timer_and_counts_it(
