@@ -89,9 +89,15 @@ class Timers:
         )
 
     def apply(self, effects: Iterable[tuple[bytes, SetTimer | CancelTimer]]) -> None:
-        """Carry out the timer effects of a committed batch, in order."""
-        earliest = self.wheel.next_due_ms()
+        """Carry out the timer effects of a committed batch: per thread only the last one counts."""
+        # A busy thread moves its deadline with every message; one changelog write per batch
+        # per thread is enough, since only the final state of the batch is ever visible.
+        last: dict[bytes, SetTimer | CancelTimer] = {}
         for key, effect in effects:
+            last.pop(key, None)
+            last[key] = effect
+        earliest = self.wheel.next_due_ms()
+        for key, effect in last.items():
             if isinstance(effect, SetTimer):
                 due = due_ms(effect.due_at)
                 self.table[key] = pack(effect.conversation_id, effect.version, due)

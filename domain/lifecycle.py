@@ -167,8 +167,15 @@ class ProcessingFailed:
 
 
 Event: TypeAlias = (
-    UserMessage | AgentAccepted | CloseRequested | ClosureDetected | CloseConfirmed
-    | CloseDenied | TimerFired | SweepFired | ProcessingFailed
+    UserMessage
+    | AgentAccepted
+    | CloseRequested
+    | ClosureDetected
+    | CloseConfirmed
+    | CloseDenied
+    | TimerFired
+    | SweepFired
+    | ProcessingFailed
 )
 
 
@@ -312,9 +319,7 @@ def _user_message(
         if current is not None and window and _within(current.closed_at, now, window):
             if signs_off():
                 store = StoreMessage(current.id, event.message_id)
-                note = Record(
-                    current.id, "message_after_close", State.CLOSED, State.CLOSED, "sign-off"
-                )
+                note = Record(current.id, "message_after_close", State.CLOSED, State.CLOSED, "sign-off")
                 return Decision(current, False, (store, note))
             conv = _reopen(current, now, policy, fx)
         else:
@@ -382,9 +387,15 @@ def _open(
 ) -> Conversation:
     previous_id = previous.id if previous is not None else None
     conv = Conversation(
-        id=event.new_conversation_id, channel_id=channel_id, contact_id=contact_id,
-        state=State.IDLE, version=1, opened_at=now, updated_at=now,
-        deadline_at=now + policy.idle_timeout, previous_conversation_id=previous_id,
+        id=event.new_conversation_id,
+        channel_id=channel_id,
+        contact_id=contact_id,
+        state=State.IDLE,
+        version=1,
+        opened_at=now,
+        updated_at=now,
+        deadline_at=now + policy.idle_timeout,
+        previous_conversation_id=previous_id,
     )
     detail = f"after {previous_id}" if previous_id else ""
     fx += [
@@ -394,17 +405,20 @@ def _open(
     return conv
 
 
-def _reopen(
-    conv: Conversation, now: datetime, policy: LifecyclePolicy, fx: list[Effect]
-) -> Conversation:
+def _reopen(conv: Conversation, now: datetime, policy: LifecyclePolicy, fx: list[Effect]) -> Conversation:
     state = conv.state_before_close or State.IDLE
     fx += [
         Record(conv.id, "reopened", State.CLOSED, state, f"was {conv.close_reason}"),
         Emit("conversation.reopened", conv.id),
     ]
     return replace(
-        conv, state=state, deadline_at=now + _timeout(policy, state), close_reason=None,
-        closed_at=None, pending_close_reason=None, state_before_close=None,
+        conv,
+        state=state,
+        deadline_at=now + _timeout(policy, state),
+        close_reason=None,
+        closed_at=None,
+        pending_close_reason=None,
+        state_before_close=None,
     )
 
 
@@ -419,14 +433,14 @@ def _detect(
 ) -> Conversation:
     """Apply a closure confidence to idle/processing; otherwise refresh (or keep if fresh)."""
     target = (
-        State.WAITING_CLOSE if confidence >= policy.closure_unambiguous
-        else State.AWAITING_CONFIRMATION if confidence >= policy.closure_threshold
+        State.WAITING_CLOSE
+        if confidence >= policy.closure_unambiguous
+        else State.AWAITING_CONFIRMATION
+        if confidence >= policy.closure_threshold
         else None
     )
     if target is not None:
-        pending = replace(
-            conv, pending_close_reason=CloseReason.USER_CLOSED, state_before_close=conv.state
-        )
+        pending = replace(conv, pending_close_reason=CloseReason.USER_CLOSED, state_before_close=conv.state)
         return _move(pending, target, now, policy, fx, detail=f"closure intent {confidence:.2f}")
     if fresh:
         return conv
@@ -471,14 +485,17 @@ def _close(
     ]
     before = conv.state_before_close if conv.state in PENDING_STATES else conv.state
     return replace(
-        conv, state=State.CLOSED, deadline_at=None, close_reason=reason, closed_at=now,
-        pending_close_reason=None, state_before_close=before,
+        conv,
+        state=State.CLOSED,
+        deadline_at=None,
+        close_reason=reason,
+        closed_at=now,
+        pending_close_reason=None,
+        state_before_close=before,
     )
 
 
-def _commit(
-    old: Conversation | None, conv: Conversation, now: datetime, fx: list[Effect]
-) -> Decision:
+def _commit(old: Conversation | None, conv: Conversation, now: datetime, fx: list[Effect]) -> Decision:
     """Persist one change: version + 1 (1 for a new conversation) and arm its deadline."""
     version = old.version + 1 if old is not None and old.id == conv.id else 1
     conv = replace(conv, version=version, updated_at=now)

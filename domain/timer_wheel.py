@@ -108,9 +108,7 @@ class TimerWheel(Generic[K]):
         self._entries = 0  # entries in all buckets, stale ones included
 
     @classmethod
-    def build(
-        cls, items: Iterable[tuple[K, int]], start_ms: int, tick_ms: int = 1
-    ) -> TimerWheel[K]:
+    def build(cls, items: Iterable[tuple[K, int]], start_ms: int, tick_ms: int = 1) -> TimerWheel[K]:
         """Bulk rebuild from ``(key, due_ms)`` pairs; a repeated key keeps its last due."""
         wheel = cls(start_ms, tick_ms)
         # The outer dict() re-sizes a dict grown by insertion to fit (or clones it when it
