@@ -6,7 +6,9 @@ from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.transport.producer import ProducerBuffer
 
+from agents import deadletters
 from agents.lifecycle import LifecycleAgent
 from agents.metrics import serve
 from agents.sweep import Sweep
@@ -23,6 +25,10 @@ class _IdempotentProducer(faust_aiokafka.Producer):
 
 # The transport builds its producer from this class attribute.
 faust_aiokafka.Transport.Producer = _IdempotentProducer
+# Table writes queue in Faust's producer buffer; past max_messages (100) Faust pauses the
+# stream until it drains, one message at a time. Our table writes come in batches after each
+# commit, so allow a few batches' worth before pausing.
+ProducerBuffer.max_messages = 10_000
 
 
 def broker_urls(bootstrap: str) -> list[str]:
@@ -56,6 +62,7 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     topics = Topics(settings.topic_prefix)
     lifecycle = LifecycleAgent(app, settings, topics)
     lifecycle.register()
+    deadletters.register(app, lifecycle.dead_letters, lifecycle.pool)
     sweep = Sweep(lifecycle.pool, lifecycle.source, settings.sweep_interval)
     app.task(lifecycle.timers.run)
     app.task(sweep.run)
