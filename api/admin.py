@@ -10,18 +10,18 @@ from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from api.context import CONTEXT, error
 from api.ingress import KafkaUnavailable
 from domain.lifecycle import CloseReason
-from streams.records import AcceptCommand, ChannelIn, CloseCommand
+from streams.records import CHANNEL_IN, AcceptCommand, CloseCommand, OutboundMessage
 from streams.store import DuplicateChannel, decode_cursor
 from streams.topics import thread_key
 
 routes = web.RouteTableDef()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M")
 
 
 @web.middleware
@@ -35,14 +35,14 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
     return await handler(request)
 
 
-async def _body(request: web.Request, model: type[M]) -> M | web.Response:
+async def _body(request: web.Request, adapter: TypeAdapter[M]) -> M | web.Response:
     try:
-        return model.model_validate(orjson.loads(await request.read()))
+        return adapter.validate_python(orjson.loads(await request.read()))
     except orjson.JSONDecodeError as exc:
         return error(400, f"body is not valid JSON: {exc}")
     except ValidationError as exc:
         details = exc.errors(include_url=False, include_context=False, include_input=False)
-        return error(422, f"body does not match {model.__name__}", details=details)
+        return error(422, f"body does not match {exc.title}", details=details)
 
 
 def _conversation_id(request: web.Request) -> str | None:
@@ -55,14 +55,16 @@ def _conversation_id(request: web.Request) -> str | None:
 @routes.post("/v1/channels")
 async def create_channel(request: web.Request) -> web.Response:
     """Register a channel; its secret is stored and never shown again."""
-    body = await _body(request, ChannelIn)
+    body = await _body(request, CHANNEL_IN)
     if isinstance(body, web.Response):
         return body
     ctx = request.app[CONTEXT]
     try:
-        created = await ctx.store.create_channel(body.id, body.provider, {"secret": body.secret})
-    except DuplicateChannel:
-        return error(409, f"channel {body.id!r} exists")
+        created = await ctx.store.create_channel(
+            body.id, body.provider, body.model_dump(exclude={"id", "provider"})
+        )
+    except DuplicateChannel as exc:
+        return error(409, str(exc))
     return web.json_response(
         {"id": body.id, "provider": body.provider, "created_at": created.isoformat()}, status=201
     )
@@ -136,6 +138,22 @@ class AcceptIn(BaseModel):
     agent_id: str
 
 
+CLOSE_IN = TypeAdapter(CloseIn)
+ACCEPT_IN = TypeAdapter(AcceptIn)
+
+
+class OutboundIn(BaseModel):
+    """POST /v1/conversations/{id}/messages body: a message the business sent via the provider."""
+
+    provider_message_id: str = Field(min_length=1, max_length=256)
+    type: str = "text"
+    text: str | None = Field(None, max_length=65536)
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+OUTBOUND_IN = TypeAdapter(OutboundIn)
+
+
 async def _command(request: web.Request, build: Callable[[dict[str, Any], str], Any]) -> web.Response:
     ctx = request.app[CONTEXT]
     conv_id = _conversation_id(request)
@@ -152,13 +170,13 @@ async def _command(request: web.Request, build: Callable[[dict[str, Any], str], 
         )
     except KafkaUnavailable:
         return error(503, "event log unavailable, retry later")
-    return web.json_response({"accepted": event_id}, status=202)
+    return web.json_response({"accepted": record.event_id}, status=202)
 
 
 @routes.post("/v1/conversations/{id}/close")
 async def close_conversation(request: web.Request) -> web.Response:
     """Ask to close; the lifecycle agent decides in order with everything else (202)."""
-    body = await _body(request, CloseIn)
+    body = await _body(request, CLOSE_IN)
     if isinstance(body, web.Response):
         return body
     if not body.reason.is_explicit:
@@ -180,7 +198,7 @@ async def close_conversation(request: web.Request) -> web.Response:
 @routes.post("/v1/conversations/{id}/accept")
 async def accept_conversation(request: web.Request) -> web.Response:
     """An agent takes the conversation (-> processing), through the event log (202)."""
-    body = await _body(request, AcceptIn)
+    body = await _body(request, ACCEPT_IN)
     if isinstance(body, web.Response):
         return body
     return await _command(
@@ -192,5 +210,27 @@ async def accept_conversation(request: web.Request) -> web.Response:
             conversation_id=conv["id"],
             agent_id=body.agent_id,
             issued_at=datetime.now(UTC),
+        ),
+    )
+
+
+@routes.post("/v1/conversations/{id}/messages")
+async def record_outbound(request: web.Request) -> web.Response:
+    """Record a message the business sent, so its delivery receipts have something to update (202)."""
+    body = await _body(request, OUTBOUND_IN)
+    if isinstance(body, web.Response):
+        return body
+    return await _command(
+        request,
+        lambda conv, event_id: OutboundMessage(
+            event_id=f"outbound:{conv['channel_id']}:{body.provider_message_id}",
+            channel_id=conv["channel_id"],
+            contact_id=conv["contact_id"],
+            conversation_id=conv["id"],
+            provider_message_id=body.provider_message_id,
+            type=body.type,
+            text=body.text,
+            payload=body.payload,
+            sent_at=datetime.now(UTC),
         ),
     )

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 
-from api import admin, dashboard, webhooks
+from api import admin, dashboard, deadletters, providers_routes, webhooks
 from api.context import CONTEXT, ChannelCache, Context
 from api.ingress import Ingress
 from streams.schema import create_pool, migrate
@@ -43,7 +43,7 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(ctx.store.pool.fetchval("SELECT 1"), 2)
         checks["postgres"] = "ok"
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready; report which
         ok, checks["postgres"] = False, f"{type(exc).__name__}: {exc}"
     admin_client = AIOKafkaAdminClient(
         bootstrap_servers=ctx.settings.kafka_bootstrap_servers, request_timeout_ms=2000
@@ -54,7 +54,7 @@ async def readyz(request: web.Request) -> web.Response:
         checks["kafka"] = "ok"
         checks["worker"] = detail
         ok = ok and worker_ok
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready; report which
         ok, checks["kafka"] = False, f"{type(exc).__name__}: {exc}"
     finally:
         await admin_client.close()
@@ -68,6 +68,8 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(webhooks.routes)
     app.add_routes(admin.routes)
     app.add_routes(dashboard.routes)
+    app.add_routes(deadletters.routes)
+    app.add_routes(providers_routes.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)

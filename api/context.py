@@ -21,6 +21,7 @@ class ChannelCache:
     store: Store
     ttl: float = 5.0
     _entries: dict[str, tuple[float, tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+    _by: dict[str, tuple[float, tuple[str, dict[str, Any]]]] = field(default_factory=dict)
 
     async def get(self, channel_id: str) -> tuple[str, dict[str, Any]] | None:
         """(provider, config) of the channel, or None if unknown (unknown ids are not cached)."""
@@ -31,6 +32,18 @@ class ChannelCache:
         found = await self.store.channel(channel_id)
         if found is not None:
             self._entries[channel_id] = (now, found)
+        return found
+
+    async def get_by(self, provider: str, field: str, value: str) -> tuple[str, dict[str, Any]] | None:
+        """(channel id, config) by a provider id (phone_number_id, account_sid), cached briefly."""
+        cache_key = f"{provider}:{field}:{value}"
+        hit = self._by.get(cache_key)
+        now = time.monotonic()
+        if hit and now - hit[0] < self.ttl:
+            return hit[1]
+        found = await self.store.channel_by(provider, field, value)
+        if found is not None:
+            self._by[cache_key] = (now, found)
         return found
 
 

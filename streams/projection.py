@@ -33,11 +33,15 @@ from domain.lifecycle import (
     transition,
 )
 from domain.policy import LifecyclePolicy
+from streams.receipts import apply_receipts
 from streams.records import (
     AcceptCommand,
     CloseCommand,
     ConversationEvent,
     InboundMessage,
+    LifecycleEvent,
+    OutboundMessage,
+    StatusReceipt,
     TimerFiredRecord,
     conversation_id_for,
     occurred_at,
@@ -63,7 +67,7 @@ class BatchResult:
     emits: list[Emit] = field(default_factory=list)
 
 
-def to_domain(event: ConversationEvent) -> Event:
+def to_domain(event: LifecycleEvent) -> Event:
     """The domain event a wire record stands for."""
     if isinstance(event, InboundMessage):
         return UserMessage(
@@ -86,7 +90,7 @@ def to_domain(event: ConversationEvent) -> Event:
     )
 
 
-def cause_of(event: ConversationEvent) -> str:
+def cause_of(event: LifecycleEvent) -> str:
     """The audit log's cause column: what made the transition happen."""
     if isinstance(event, InboundMessage):
         return f"message:{event.provider_message_id}"
@@ -236,7 +240,17 @@ async def apply_batch(
         messages: list[tuple[Any, ...]] = []
         audit: list[tuple[Any, ...]] = []
 
+        outbound: list[OutboundMessage] = []
+        receipts: list[StatusReceipt] = []
         for event in todo:
+            if isinstance(event, OutboundMessage):
+                outbound.append(event)  # no lifecycle change; stored below
+                result.applied += 1
+                continue
+            if isinstance(event, StatusReceipt):
+                receipts.append(event)
+                result.applied += 1
+                continue
             thread = (event.channel_id, event.contact_id)
             now = occurred_at(event)
             before = current.get(thread)
@@ -329,4 +343,6 @@ async def apply_batch(
             await conn.execute(_INSERT_MESSAGES, *_columns(messages, 7))
         if audit:
             await conn.execute(_INSERT_EVENTS, *_columns(audit, 9))
+        if outbound or receipts:
+            await apply_receipts(conn, outbound, receipts)
     return result

@@ -80,19 +80,53 @@ class TimerFiredRecord(Record):
     source: Literal["timer", "sweep"] = "timer"
 
 
+class OutboundMessage(Record):
+    """A message the business sent to the user through the provider, recorded in Parley."""
+
+    kind: Literal["message.outbound"] = "message.outbound"
+    event_id: str
+    channel_id: str
+    contact_id: str
+    conversation_id: str
+    provider_message_id: str
+    type: str = "text"
+    text: str | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+    sent_at: AwareDatetime
+
+
+class StatusReceipt(Record):
+    """A provider's delivery receipt for an outbound message (sent, delivered, read, failed...)."""
+
+    kind: Literal["status.receipt"] = "status.receipt"
+    event_id: str
+    channel_id: str
+    contact_id: str
+    provider: str
+    provider_message_id: str
+    provider_status: str
+    provider_at: AwareDatetime
+    errors: list[dict[str, Any]] = Field(default_factory=list)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    received_at: AwareDatetime
+
+
 ConversationEvent = Annotated[
-    InboundMessage | CloseCommand | AcceptCommand | TimerFiredRecord,
+    InboundMessage | CloseCommand | AcceptCommand | TimerFiredRecord | OutboundMessage | StatusReceipt,
     Field(discriminator="kind"),
 ]
+LifecycleEvent = InboundMessage | CloseCommand | AcceptCommand | TimerFiredRecord
 CONVERSATION_EVENT: TypeAdapter[ConversationEvent] = TypeAdapter(ConversationEvent)
 
 
 def occurred_at(event: ConversationEvent) -> datetime:
     """The event's own time: transitions use it as `now`, so replay is deterministic."""
-    if isinstance(event, InboundMessage):
+    if isinstance(event, InboundMessage | StatusReceipt):
         return event.received_at
     if isinstance(event, TimerFiredRecord):
         return event.fired_at
+    if isinstance(event, OutboundMessage):
+        return event.sent_at
     return event.issued_at
 
 
@@ -115,7 +149,7 @@ class DeadLetter(Record):
 class GenericWebhook(Record):
     """The generic channel's inbound message body."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     message_id: str = Field(min_length=1, max_length=256)
     from_: str = Field(alias="from", min_length=1, max_length=256)
@@ -123,12 +157,39 @@ class GenericWebhook(Record):
     timestamp: AwareDatetime | int
 
 
-class ChannelIn(Record):
-    """POST /v1/channels body (the generic provider; others arrive with their issue)."""
+ChannelId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
-    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+class GenericChannelIn(Record):
+    """A generic JSON channel signed per Standard Webhooks."""
+
+    id: ChannelId
     provider: Literal["generic"]
     secret: str = Field(pattern=r"^whsec_[A-Za-z0-9+/=]{16,}$")
+
+
+class WhatsAppChannelIn(Record):
+    """A WhatsApp Cloud API phone number."""
+
+    id: ChannelId
+    provider: Literal["whatsapp"]
+    phone_number_id: str = Field(pattern=r"^[0-9]{1,32}$")
+    app_secret: str = Field(min_length=8, max_length=256)
+    verify_token: str = Field(min_length=8, max_length=256)
+
+
+class TwilioChannelIn(Record):
+    """A Twilio account (Programmable Messaging: WhatsApp or SMS)."""
+
+    id: ChannelId
+    provider: Literal["twilio"]
+    account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$")
+    auth_token: str = Field(min_length=16, max_length=256)
+    public_url: str = Field(pattern=r"^https?://", max_length=2048)
+
+
+ChannelIn = Annotated[GenericChannelIn | WhatsAppChannelIn | TwilioChannelIn, Field(discriminator="provider")]
+CHANNEL_IN: TypeAdapter[ChannelIn] = TypeAdapter(ChannelIn)
 
 
 class ChannelOut(Record):

@@ -55,13 +55,24 @@ class Store:
                 config,
             )
         except asyncpg.UniqueViolationError as exc:
-            raise DuplicateChannel(channel_id) from exc
+            what = "phone_number_id or account_sid" if "config" in str(exc.detail or "") else "id"
+            raise DuplicateChannel(f"a channel with this {what} exists ({channel_id})") from exc
         return created
 
     async def channel(self, channel_id: str) -> tuple[str, dict[str, Any]] | None:
         """(provider, config) of a channel, or None."""
         row = await self.pool.fetchrow("SELECT provider, config FROM channels WHERE id = $1", channel_id)
         return (row["provider"], row["config"]) if row else None
+
+    async def channel_by(self, provider: str, field: str, value: str) -> tuple[str, dict[str, Any]] | None:
+        """(channel id, config) of the channel whose config[field] == value, or None."""
+        assert field in {"phone_number_id", "account_sid", "verify_token"}  # never user input
+        row = await self.pool.fetchrow(
+            f"SELECT id, config FROM channels WHERE provider = $1 AND config->>'{field}' = $2",
+            provider,
+            value,
+        )
+        return (row["id"], row["config"]) if row else None
 
     async def channels(self) -> list[dict[str, Any]]:
         """Every channel, without secrets."""
@@ -121,3 +132,21 @@ class Store:
             conv_id,
         )
         return [_jsonable(r) for r in rows]
+
+    async def dead_letters(self, *, limit: int, before: int | None) -> list[dict[str, Any]]:
+        """Dead letters, newest first."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM dead_letters WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+            before,
+            limit,
+        )
+        return [_jsonable(r) for r in rows]
+
+    async def dead_letter(self, letter_id: int) -> dict[str, Any] | None:
+        """One dead letter, or None."""
+        row = await self.pool.fetchrow("SELECT * FROM dead_letters WHERE id = $1", letter_id)
+        return _jsonable(row) if row else None
+
+    async def mark_retried(self, letter_id: int) -> None:
+        """Remember that an operator re-drove this letter."""
+        await self.pool.execute("UPDATE dead_letters SET retried_at = now() WHERE id = $1", letter_id)
