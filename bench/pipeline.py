@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
+import orjson
 from aiokafka import AIOKafkaProducer
 
+from api.providers import whatsapp
 from streams.records import InboundMessage
 from streams.topics import Topics, thread_key
 from tests.integration.harness import Deployment, GenericChannel, message, wait_until
@@ -85,15 +87,66 @@ async def worker_throughput(dep: Deployment, channel_id: str, n: int, contacts: 
         await db.close()
 
 
+Request = tuple[bytes, dict[str, str]]
+
+
+def generic_requests(ch: GenericChannel, n: int) -> tuple[str, list[str], list[Request]]:
+    """n signed generic-channel webhooks over 2,000 contacts: (path, message ids, requests)."""
+    run = uuid.uuid4().hex[:6]
+    ids = [f"h{run}-{i}" for i in range(n)]
+    requests = [ch.signed(message(m, f"h{run}-{i % 2000}", "hello")) for i, m in enumerate(ids)]
+    return f"/webhooks/generic/{ch.id}", ids, requests
+
+
+def whatsapp_requests(phone_number_id: str, app_secret: str, n: int) -> tuple[str, list[str], list[Request]]:
+    """n signed WhatsApp Cloud API webhooks (one text message each, Meta's envelope)."""
+    run = uuid.uuid4().hex[:6]
+    ids = [f"wamid.{run}.{i}" for i in range(n)]
+    requests = []
+    for i, wamid in enumerate(ids):
+        contact = f"55{i % 2000}"
+        value = {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550000000", "phone_number_id": phone_number_id},
+            "contacts": [{"profile": {"name": "Bench"}, "wa_id": contact}],
+            "messages": [
+                {
+                    "from": contact,
+                    "id": wamid,
+                    "timestamp": str(int(time.time())),
+                    "type": "text",
+                    "text": {"body": "hello"},
+                }
+            ],
+        }
+        body = orjson.dumps(
+            {
+                "object": "whatsapp_business_account",
+                "entry": [{"id": "1", "changes": [{"field": "messages", "value": value}]}],
+            }
+        )
+        requests.append(
+            (
+                body,
+                {"Content-Type": "application/json", "X-Hub-Signature-256": whatsapp.sign(app_secret, body)},
+            )
+        )
+    return "/webhooks/whatsapp", ids, requests
+
+
 async def ingress(
-    dep: Deployment, ch: GenericChannel, n: int, concurrency: int = 64, rate: float | None = None
+    dep: Deployment,
+    ch: GenericChannel,
+    n: int,
+    concurrency: int = 64,
+    rate: float | None = None,
+    prepared: tuple[str, list[str], list[Request]] | None = None,
 ) -> tuple[float, list[float], list[tuple[str, float]]]:
     """Send n signed webhooks (flat out, or paced at `rate`/s); returns (accepted/s, latencies, sent)."""
-    run = uuid.uuid4().hex[:6]
-    bodies = [ch.signed(message(f"h{run}-{i}", f"h{run}-{i % 2000}", "hello")) for i in range(n)]
+    path, ids, bodies = prepared or generic_requests(ch, n)
     latencies: list[float] = []
     sent: list[tuple[str, float]] = []
-    url = f"{dep.base_url}/webhooks/generic/{ch.id}"
+    url = f"{dep.base_url}{path}"
     queue: asyncio.Queue[int] = asyncio.Queue()
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as http:
@@ -110,7 +163,7 @@ async def ingress(
                     await r.read()
                     if r.status == 200:
                         latencies.append(time.perf_counter() - t0)
-                        sent.append((f"h{run}-{i}", wall))
+                        sent.append((ids[i], wall))
 
         workers = [asyncio.create_task(client()) for _ in range(concurrency)]
         start = time.perf_counter()
@@ -159,3 +212,19 @@ async def _all_in(db: asyncpg.Connection, ids: list[str]) -> bool:
         ids,
     )
     return n >= len(ids)
+
+
+async def drained(dep: Deployment) -> None:
+    """Wait until the worker has applied everything produced so far (no backlog skews latency)."""
+    db = await asyncpg.connect(dep.database_url)
+    try:
+
+        async def idle() -> bool:
+            a: int = await db.fetchval("SELECT count(*) FROM processed_events")
+            await asyncio.sleep(1.0)  # sampling the ledger's growth over one second
+            b: int = await db.fetchval("SELECT count(*) FROM processed_events")
+            return a == b
+
+        await wait_until(idle, 600, "the worker to drain its backlog")
+    finally:
+        await db.close()

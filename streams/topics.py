@@ -53,7 +53,8 @@ class Topics:
 async def ensure_topics(settings: Settings) -> Topics:
     """Create the project's topics with explicit partition counts; existing ones are kept."""
     topics = Topics(settings.topic_prefix)
-    retention_ms = str(int(settings.topic_retention.total_seconds() * 1000))
+    seconds = settings.topic_retention.total_seconds()
+    retention_ms = "-1" if seconds < 0 else str(int(seconds * 1000))  # -1: keep forever
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
     await admin.start()
     try:
