@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import baselines, pipeline, timers
+from bench import baselines, cpu, pipeline, timers
 from bench.stats import pct, row, summary_ms
 from parley.localstack import KafkaBroker, LocalPostgres, free_port
 from tests.integration.harness import Deployment, GenericChannel, Services
@@ -83,13 +83,21 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
         row("  ack latency", summary_ms(lat))
 
         print("\n== end to end: webhook -> row (worker drained first) ==", flush=True)
-        for offered in (1000, 5000):
+        groups = {
+            **cpu.service_pids(),
+            "api": dep.processes["api"].pid,
+            "worker": dep.processes["worker"].pid,
+        }
+        for offered in (200, 1000, 5000):
             await pipeline.drained(dep)
             n = int(offered * 8 * scale)
-            accepted, _, sent = await pipeline.ingress(dep, channel, n, concurrency=256, rate=offered)
-            e2e = await pipeline.webhook_to_row(dep, sent)
+            usage: dict[str, float] = {}
+            with cpu.accounting(groups, usage):
+                accepted, _, sent = await pipeline.ingress(dep, channel, n, concurrency=256, rate=offered)
+                e2e = await pipeline.webhook_to_row(dep, sent)
             row(f"offered {offered:,}/s ({n:,} webhooks)", f"{accepted:,.0f} /s achieved")
             row("  webhook-to-row latency", summary_ms(e2e))
+            print(f"    CPU: {cpu.describe(usage)}", flush=True)
     finally:
         dep.stop_all()
     if skip_timers:
