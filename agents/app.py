@@ -54,7 +54,10 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
         broker_commit_interval=0.5,
         broker_session_timeout=settings.kafka_session_timeout.total_seconds(),
         broker_heartbeat_interval=settings.kafka_session_timeout.total_seconds() / 5,
-        broker_commit_every=1000,
+        # Commits run on the interval timer only. With commit_every, the fetcher commits inline,
+        # and a commit first flushes the producer (our timer-table writes): the stream stalls
+        # for as long as that takes (seconds, measured). Redelivery after a crash is a no-op.
+        broker_commit_every=10_000_000,
         stream_buffer_maxsize=settings.worker_batch_size * 4,
         stream_wait_empty=False,
         logging_config=None,

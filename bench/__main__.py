@@ -6,15 +6,12 @@ import argparse
 import asyncio
 import os
 import secrets
-import tempfile
-from pathlib import Path
 
 import aiohttp
 
 from bench import baselines, cpu, pipeline, timers
 from bench.stats import pct, row, summary_ms
-from parley.localstack import KafkaBroker, LocalPostgres, free_port
-from tests.integration.harness import Deployment, GenericChannel, Services
+from tests.integration.harness import Deployment, GenericChannel, Services, local_services
 
 
 async def run(services: Services, scale: float, skip_timers: bool) -> None:
@@ -61,6 +58,7 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
 
         print("\n== API: signed webhook -> Kafka ack -> 200 ==", flush=True)
         n_http = int(30_000 * scale)
+        await pipeline.drained(dep)  # each phase starts with the worker idle: no backlog competes
         accepted, lat, _ = await pipeline.ingress(dep, channel, n_http, concurrency=64)
         row(
             f"generic webhooks accepted, flat out ({n_http:,}, 64 in flight)",
@@ -69,6 +67,7 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
         )
         row("  ack latency", summary_ms(lat))
         wa_req = pipeline.whatsapp_requests(wa_phone, wa_secret, n_http)
+        await pipeline.drained(dep)
         wa_rate, wa_lat, _ = await pipeline.ingress(dep, channel, n_http, concurrency=64, prepared=wa_req)
         row(
             f"WhatsApp webhooks accepted, flat out ({n_http:,}, X-Hub-Signature-256)",
@@ -83,16 +82,11 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
         row("  ack latency", summary_ms(lat))
 
         print("\n== end to end: webhook -> row (worker drained first) ==", flush=True)
-        groups = {
-            **cpu.service_pids(),
-            "api": dep.processes["api"].pid,
-            "worker": dep.processes["worker"].pid,
-        }
         for offered in (200, 1000, 5000):
             await pipeline.drained(dep)
             n = int(offered * 8 * scale)
             usage: dict[str, float] = {}
-            with cpu.accounting(groups, usage):
+            with cpu.accounting(usage):
                 accepted, _, sent = await pipeline.ingress(dep, channel, n, concurrency=256, rate=offered)
                 e2e = await pipeline.webhook_to_row(dep, sent)
             row(f"offered {offered:,}/s ({n:,} webhooks)", f"{accepted:,.0f} /s achieved")
@@ -146,27 +140,13 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every count (0.1 = quick)")
     parser.add_argument("--skip-timers", action="store_true", help="skip the timer-wheel micro-benchmark")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="parley-bench-"))
-    os.environ.setdefault("PARLEY_TEST_LOGS", str(root / "logs"))
-    started: list[KafkaBroker | LocalPostgres] = []
-    try:
-        pg_url = os.environ.get("DATABASE_URL", "")
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
-        if not pg_url:
-            pg = LocalPostgres(root / "postgres", free_port())
-            pg.start()
-            started.append(pg)
-            pg_url = pg.url
-        if not bootstrap:
-            kafka = KafkaBroker(root / "kafka", free_port())
-            kafka.start()
-            started.append(kafka)
-            bootstrap = kafka.bootstrap
-        print(f"services: Kafka {bootstrap}, Postgres {pg_url}; logs in {root / 'logs'}", flush=True)
-        asyncio.run(run(Services(bootstrap, pg_url), args.scale, args.skip_timers))
-    finally:
-        for svc in reversed(started):
-            svc.stop()
+    with local_services("parley-bench-") as services:
+        print(
+            f"services: Kafka {services.bootstrap}, Postgres {services.postgres_url}; "
+            f"logs in {os.environ['PARLEY_TEST_LOGS']}",
+            flush=True,
+        )
+        asyncio.run(run(services, args.scale, args.skip_timers))
     if not args.skip_timers:
         print("\n== timer wheel (pure, in-process) ==", flush=True)
         from bench import bench_timer_wheel

@@ -1,4 +1,4 @@
-"""Where the CPU goes during a phase: seconds of CPU per process group, as % of one core."""
+"""Where the CPU goes during a phase, per component, in % of one core (this box has 200%)."""
 
 from __future__ import annotations
 
@@ -9,50 +9,48 @@ from contextlib import contextmanager
 
 import psutil
 
-
-def _cpu(pid: int) -> float:
-    """CPU seconds of a process and all its descendants (Postgres backends, JVM threads)."""
-    try:
-        proc = psutil.Process(pid)
-        total = sum(proc.cpu_times()[:2])
-        for child in proc.children(recursive=True):
-            try:
-                total += sum(child.cpu_times()[:2])
-            except psutil.NoSuchProcess:
-                continue
-        return total
-    except psutil.NoSuchProcess:
-        return 0.0
+# Every component runs as a child process of the benchmark; its command line tells which.
+_MARKERS = {
+    "kafka": "kafka.Kafka",
+    "postgres": "pginstall/bin/postgres",
+    "worker": "parley.cli worker",
+    "api": "parley.cli api",
+}
 
 
-def _service_pid(marker: str) -> int | None:
-    # The broker and Postgres are started by this benchmark: find them by their command line.
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if marker in cmd:
-            return int(proc.info["pid"])
-    return None
+def _snapshot() -> dict[str, float]:
+    """CPU seconds used so far by each component (Postgres backends count with Postgres)."""
+    me = psutil.Process(os.getpid())
+    totals = {"bench client": sum(me.cpu_times()[:2])}
+    for child in me.children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+            used = sum(child.cpu_times()[:2])
+        except psutil.Error:
+            continue
+        for name, marker in _MARKERS.items():
+            if marker in cmd or (name == "postgres" and child.name() == "postgres"):
+                totals[name] = totals.get(name, 0.0) + used
+                break
+    return totals
 
 
 @contextmanager
-def accounting(groups: dict[str, int | None], into: dict[str, float]) -> Iterator[None]:
-    """Fill `into` with each group's CPU use during the block, in % of one core."""
-    pids = {name: pid for name, pid in groups.items() if pid}
-    pids.setdefault("bench client", os.getpid())
-    start = {name: _cpu(pid) for name, pid in pids.items()}
+def accounting(into: dict[str, float]) -> Iterator[None]:
+    """Fill `into` with each component's CPU use during the block, in % of one core.
+
+    Processes that exit during the block lose their share; the phases measured here keep every
+    component running.
+    """
+    start = _snapshot()
     t0 = time.monotonic()
     yield
     wall = time.monotonic() - t0
-    for name, pid in pids.items():
-        into[name] = 100 * (_cpu(pid) - start[name]) / wall
-
-
-def service_pids() -> dict[str, int | None]:
-    """The broker's and Postgres' pids (postmaster; its backends are counted with it)."""
-    return {"kafka": _service_pid("kafka.Kafka"), "postgres": _service_pid("pginstall/bin/postgres")}
+    for name, used in _snapshot().items():
+        into[name] = 100 * (used - start.get(name, 0.0)) / wall
 
 
 def describe(usage: dict[str, float]) -> str:
-    """'api 45%, worker 60%, ...' sorted by use, with the total."""
+    """'worker 60%, api 45%, ...' sorted by use, with the total."""
     parts = ", ".join(f"{k} {v:.0f}%" for k, v in sorted(usage.items(), key=lambda kv: -kv[1]))
     return f"{parts} (total {sum(usage.values()):.0f}% of 200%)"

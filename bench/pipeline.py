@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import aiohttp
@@ -28,6 +29,41 @@ async def register(http: aiohttp.ClientSession, dep: Deployment, ch: GenericChan
         assert r.status == 201, await r.text()
 
 
+async def produce_messages(
+    bootstrap: str, topic: str, channel_id: str, items: Iterable[tuple[str, str, datetime]]
+) -> None:
+    """Put inbound messages (event id, contact, time) straight on the topic, acks=all, in chunks."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+    )
+    await producer.start()
+    try:
+        futs = []
+        for event_id, contact, at in items:
+            rec = InboundMessage(
+                event_id=event_id,
+                channel_id=channel_id,
+                contact_id=contact,
+                provider="generic",
+                provider_message_id=event_id.replace(":", "-"),
+                text="hello",
+                sent_at=at,
+                received_at=at,
+            )
+            key = thread_key(channel_id, contact)
+            futs.append(await producer.send(topic, rec.model_dump_json().encode(), key=key))
+            if len(futs) >= 5000:
+                await asyncio.gather(*futs)
+                futs.clear()
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+
+
 async def stored_rows(db: asyncpg.Connection) -> int:
     """Messages inserted so far: the id sequence, read without scanning the table."""
     n: int = await db.fetchval("SELECT COALESCE(max(id), 0) FROM messages")
@@ -44,37 +80,11 @@ async def worker_throughput(dep: Deployment, channel_id: str, n: int, contacts: 
     run = uuid.uuid4().hex[:6]
     now = datetime.now(UTC)
     topic = Topics(dep.name).conversation_events
-    producer = AIOKafkaProducer(
-        bootstrap_servers=dep.services.bootstrap,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=5,
-        max_batch_size=256 * 1024,
-    )
     db = await asyncpg.connect(dep.database_url)
     dep.stop("worker")
-    await producer.start()
     try:
-        for off in range(0, n, 5000):
-            futs = []
-            for i in range(off, min(n, off + 5000)):
-                contact = f"w{run}-{i % contacts}"
-                rec = InboundMessage(
-                    event_id=f"bench:{run}:{i}",
-                    channel_id=channel_id,
-                    contact_id=contact,
-                    provider="generic",
-                    provider_message_id=f"w{run}-{i}",
-                    text="hello",
-                    sent_at=now,
-                    received_at=now,
-                )
-                futs.append(
-                    await producer.send(
-                        topic, rec.model_dump_json().encode(), key=thread_key(channel_id, contact)
-                    )
-                )
-            await asyncio.gather(*futs)
+        items = ((f"bench:{run}:{i}", f"w{run}-{i % contacts}", now) for i in range(n))
+        await produce_messages(dep.services.bootstrap, topic, channel_id, items)
         base = await stored_rows(db)
         dep.start("worker")
         await wait_until(lambda: _reached(db, base + 1), 120, "the first row")
@@ -83,7 +93,6 @@ async def worker_throughput(dep: Deployment, channel_id: str, n: int, contacts: 
         await wait_until(lambda: _reached(db, base + n), 600, "all rows")
         return (n - first) / (time.perf_counter() - start)
     finally:
-        await producer.stop()
         await db.close()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import random
 import time
@@ -13,11 +12,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.timers import pack
+from bench.pipeline import produce_messages
 from domain.timer_wheel import TimerWheel
-from streams.records import CONVERSATION_EVENT, InboundMessage, TimerFiredRecord
+from streams.records import CONVERSATION_EVENT, TimerFiredRecord
 from streams.topics import Topics, thread_key
 from tests.integration.harness import Deployment, wait_until
 
@@ -58,41 +58,12 @@ async def firing(dep: Deployment, channel_id: str, n: int, spread_s: float, idle
     close events' rate and fire-to-row latency."""
     topic = Topics(dep.name).conversation_events
     start = datetime.now(UTC)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=dep.services.bootstrap,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=5,
-        max_batch_size=256 * 1024,
-    )
-    await producer.start()
     run = uuid.uuid4().hex[:6]
-    try:
-        futs = []
-        for i in range(n):
-            contact = f"t{run}-{i}"
-            at = start + timedelta(seconds=spread_s * i / n)
-            rec = InboundMessage(
-                event_id=f"timer-bench:{run}:{i}",
-                channel_id=channel_id,
-                contact_id=contact,
-                provider="generic",
-                provider_message_id=f"t{run}-{i}",
-                text="oi",
-                sent_at=at,
-                received_at=at,
-            )
-            futs.append(
-                await producer.send(
-                    topic, rec.model_dump_json().encode(), key=thread_key(channel_id, contact)
-                )
-            )
-            if len(futs) >= 5000:
-                await asyncio.gather(*futs)
-                futs.clear()
-        await asyncio.gather(*futs)
-    finally:
-        await producer.stop()
+    items = (
+        (f"timer-bench:{run}:{i}", f"t{run}-{i}", start + timedelta(seconds=spread_s * i / n))
+        for i in range(n)
+    )
+    await produce_messages(dep.services.bootstrap, topic, channel_id, items)
     db = await asyncpg.connect(dep.database_url)
     try:
         like = f"t{run}-%"

@@ -106,7 +106,7 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) 
 
 def cmd_run(settings: Settings) -> int:
     """Start broker, Postgres, worker and API on embedded defaults; Ctrl-C stops them all."""
-    from parley.localstack import KafkaBroker, LocalPostgres, stop
+    from parley.localstack import KafkaBroker, LocalPostgres, die_with_parent, stop
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -140,7 +140,8 @@ def cmd_run(settings: Settings) -> int:
         asyncio.run(_prepare(child_settings))
         exe = [sys.executable, "-m", "parley.cli"]
         for part in ("worker", "api"):
-            children.append(subprocess.Popen([*exe, part], env=env))
+            # die_with_parent: even if `parley run` is killed -9, its children follow it.
+            children.append(subprocess.Popen([*exe, part], env=env, preexec_fn=die_with_parent))
         base = f"http://{settings.http_host}:{settings.http_port}"
         _wait_ready(f"{base}/readyz", children, timeout=120)
         print(

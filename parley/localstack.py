@@ -30,7 +30,7 @@ class StackError(RuntimeError):
     """A local service could not be started."""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Linux: the child gets SIGTERM if we die, even by kill -9, so nothing is left running.
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -151,7 +151,7 @@ class KafkaBroker:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         wait_port(self.port, self.proc, "Kafka", timeout, self.dir / "server.log")
 
@@ -266,7 +266,7 @@ class LocalPostgres:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 **self._identity(),
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         wait_port(self.port, self.proc, "Postgres", timeout, log)
         self._create_database(timeout)

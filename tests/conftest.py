@@ -3,41 +3,20 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
-from parley.localstack import KafkaBroker, LocalPostgres, free_port
-from tests.integration.harness import Deployment, GenericChannel, Services
+from tests.integration.harness import Deployment, GenericChannel, Services, local_services
 
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[Services]:
     """One Kafka broker and one Postgres for the whole session."""
-    started: list[KafkaBroker | LocalPostgres] = []
-    root = Path(tempfile.mkdtemp(prefix="parley-test-"))
-    os.environ.setdefault("PARLEY_TEST_LOGS", str(root / "logs"))
-    try:
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
-        pg_url = os.environ.get("DATABASE_URL", "")
-        if not pg_url:
-            pg = LocalPostgres(root / "postgres", free_port())
-            pg.start()
-            started.append(pg)
-            pg_url = pg.url
-        if not bootstrap:
-            kafka = KafkaBroker(root / "kafka", free_port())
-            kafka.start()
-            started.append(kafka)
-            bootstrap = kafka.bootstrap
-        yield Services(bootstrap=bootstrap, postgres_url=pg_url)
-    finally:
-        for svc in reversed(started):
-            svc.stop()
+    with local_services("parley-test-") as found:
+        yield found
 
 
 @pytest.fixture
@@ -77,3 +56,11 @@ async def channel(deployment: Deployment) -> GenericChannel:
     ):
         assert r.status == 201, await r.text()
     return ch
+
+
+@pytest.fixture
+async def db(deployment: Deployment) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the module deployment's database."""
+    conn = await asyncpg.connect(deployment.database_url)
+    yield conn
+    await conn.close()

@@ -11,9 +11,11 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +24,7 @@ import aiohttp
 import asyncpg
 
 from api.signatures import sign_standard_webhook
-from parley.localstack import ROOT, free_port, stop
+from parley.localstack import ROOT, KafkaBroker, LocalPostgres, die_with_parent, free_port, stop
 
 T = TypeVar("T")
 
@@ -47,6 +49,32 @@ class Services:
 
     bootstrap: str
     postgres_url: str  # a DSN to the maintenance database; tests create their own
+
+
+@contextmanager
+def local_services(prefix: str) -> Iterator[Services]:
+    """Kafka and Postgres for a test session or a benchmark: the external ones named by
+    KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL, else fresh local ones on free ports in a temp dir."""
+    started: list[KafkaBroker | LocalPostgres] = []
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ.setdefault("PARLEY_TEST_LOGS", str(root / "logs"))
+    try:
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
+        pg_url = os.environ.get("DATABASE_URL", "")
+        if not pg_url:
+            pg = LocalPostgres(root / "postgres", free_port())
+            pg.start()
+            started.append(pg)
+            pg_url = pg.url
+        if not bootstrap:
+            kafka = KafkaBroker(root / "kafka", free_port())
+            kafka.start()
+            started.append(kafka)
+            bootstrap = kafka.bootstrap
+        yield Services(bootstrap=bootstrap, postgres_url=pg_url)
+    finally:
+        for svc in reversed(started):
+            svc.stop()
 
 
 def _database_url(base: str, name: str) -> str:
@@ -110,6 +138,7 @@ class Deployment:
                 cwd=ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,  # a killed test run leaves no process behind
             )
         self.processes[part] = proc
         return proc

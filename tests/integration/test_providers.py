@@ -8,7 +8,6 @@ import json
 import random
 import secrets
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -95,14 +94,6 @@ async def wa(deployment: Deployment) -> WhatsApp:
         assert r.status == 201, await r.text()
         assert "app_secret" not in await r.text()
     return ch
-
-
-@pytest.fixture
-async def db(deployment: Deployment) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to the deployment's database."""
-    conn = await asyncpg.connect(deployment.database_url)
-    yield conn
-    await conn.close()
 
 
 async def _messages(db: asyncpg.Connection, channel_id: str, contact: str) -> list[asyncpg.Record]:

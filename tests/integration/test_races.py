@@ -7,7 +7,6 @@ interferes: the timer firings here are the events the timer table would produce.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -17,14 +16,6 @@ import pytest
 from domain.lifecycle import CloseReason
 from tests.integration.harness import Deployment, GenericChannel, wait_until
 from tests.integration.lifecycle_helpers import Thread, now
-
-
-@pytest.fixture
-async def db(deployment: Deployment) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to the deployment's database."""
-    conn = await asyncpg.connect(deployment.database_url)
-    yield conn
-    await conn.close()
 
 
 async def _opened(t: Thread, db: asyncpg.Connection, at: datetime) -> dict[str, Any]:

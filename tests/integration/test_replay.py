@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import aiohttp
 import asyncpg
-import pytest
 
 from domain.lifecycle import CloseReason
 from streams.records import OutboundMessage, StatusReceipt
@@ -50,14 +48,6 @@ def _replay(dep: Deployment, *args: str) -> str:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
-
-
-@pytest.fixture
-async def db(deployment: Deployment) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to the deployment's database."""
-    conn = await asyncpg.connect(deployment.database_url)
-    yield conn
-    await conn.close()
 
 
 async def test_replay_rebuilds_identical_rows(

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import aiohttp
 import asyncpg
-import pytest
 
 from tests.integration.harness import Deployment, GenericChannel, message
 from tests.integration.lifecycle_helpers import Thread, now
@@ -18,14 +16,6 @@ DEPLOYMENT_ENV = {
     "PARLEY_TIMEOUT_AWAITING_CONFIRMATION": "2",
     "PARLEY_TIMEOUT_WAITING_CLOSE": "1",
 }
-
-
-@pytest.fixture
-async def db(deployment: Deployment) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to the deployment's database."""
-    conn = await asyncpg.connect(deployment.database_url)
-    yield conn
-    await conn.close()
 
 
 async def _send(
