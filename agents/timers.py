@@ -71,6 +71,7 @@ class Timers:
         self.wheel: TimerWheel[bytes] = TimerWheel(int(time.time() * 1000))
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
+        self._confirming: set[asyncio.Future[None]] = set()
         self.fired = 0
         self.lateness_ms: list[float] = []  # a bounded sample, for the metrics endpoint
         self.table.on_recover(self.rebuild)
@@ -118,13 +119,12 @@ class Timers:
             now = int(time.time() * 1000)
             due = self.wheel.pop_due(now)
             if due:
-                try:
-                    await self._fire(due, now)
-                except Exception as exc:  # noqa: BLE001 - Kafka trouble: keep the timers, retry
-                    log.warning("timers: firing %d timers failed (%s); retrying in 1s", len(due), exc)
-                    for key, due_at in due:
-                        self.wheel.schedule(key, due_at)
-                    await asyncio.sleep(1.0)  # backoff before retrying the broker
+                # Hand the records to the producer and move on: waiting for the acks here would
+                # make every timer due meanwhile late by a broker round trip.
+                futures = await self._fire(due, now)
+                task = asyncio.ensure_future(self._confirm(due, futures))
+                self._confirming.add(task)
+                task.add_done_callback(self._confirming.discard)
                 continue
             nxt = self.wheel.next_due_ms()
             timeout = 1.0 if nxt is None else max(0.0, min(1.0, (nxt - now) / 1000))
@@ -134,7 +134,21 @@ class Timers:
             except TimeoutError:
                 pass
 
-    async def _fire(self, due: list[tuple[bytes, int]], now: int) -> None:
+    async def _confirm(self, due: list[tuple[bytes, int]], futures: list[Any]) -> None:
+        """Wait for the acks; if Kafka failed, put the timers back so they fire again."""
+        try:
+            for fut in futures:
+                await fut  # acks=all: a due timer is either on its partition or re-armed here
+            self.fired += len(futures)
+        except Exception as exc:  # noqa: BLE001 - Kafka trouble: keep the timers, retry
+            log.warning("timers: firing %d timers failed (%s); re-arming them", len(due), exc)
+            retry_at = int(time.time() * 1000) + 1000
+            for key, due_at in due:
+                if self.wheel.due_of(key) is None:
+                    self.wheel.schedule(key, max(due_at, retry_at))
+            self._wake.set()
+
+    async def _fire(self, due: list[tuple[bytes, int]], now: int) -> list[Any]:
         fired_at = datetime.fromtimestamp(now / 1000, UTC)
         futures: list[Any] = []
         for key, due_at in due:
@@ -154,11 +168,14 @@ class Timers:
                 due_at=datetime.fromtimestamp(due_at / 1000, UTC),
                 fired_at=fired_at,
             )
-            futures.append(await self.source.send(key=key, value=record.model_dump_json().encode()))
+            try:
+                futures.append(await self.source.send(key=key, value=record.model_dump_json().encode()))
+            except Exception as exc:  # noqa: BLE001 - the producer refused: re-arm, try again soon
+                log.warning("timers: producing a firing failed (%s); re-arming", exc)
+                self.wheel.schedule(key, int(time.time() * 1000) + 1000)
+                continue
             self._observe(now - due_at)
-        for fut in futures:
-            await fut  # wait for acks=all: a due timer is either on its partition or re-fired
-        self.fired += len(futures)
+        return futures
 
     def _observe(self, lateness: float) -> None:
         if len(self.lateness_ms) >= 10_000:

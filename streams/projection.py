@@ -7,6 +7,7 @@ second writer (a zombie worker after a rebalance) loses instead of overwriting.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -242,7 +243,9 @@ async def apply_batch(
 
         outbound: list[OutboundMessage] = []
         receipts: list[StatusReceipt] = []
-        for event in todo:
+        for i, event in enumerate(todo):
+            if i % 100 == 99:
+                await asyncio.sleep(0)  # let the timer loop and the fetcher run between chunks
             if isinstance(event, OutboundMessage):
                 outbound.append(event)  # no lifecycle change; stored below
                 result.applied += 1
