@@ -22,6 +22,8 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
     row("raw aiokafka produce+consume (acks=all, 300 B)", f"{kafka_rate:,.0f} msg/s")
     pg_rate = await baselines.pg_batched_insert(services.postgres_url, n_raw)
     row("raw asyncpg INSERT..unnest, 1000/batch", f"{pg_rate:,.0f} rows/s")
+    faust_rate = await baselines.faust_noop(services.bootstrap, int(100_000 * scale))
+    row("Faust stream machinery alone (no-op agent, manual acks)", f"{faust_rate:,.0f} events/s")
 
     dep = Deployment(services)
     await dep.create_database()
@@ -52,7 +54,8 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
         row(
             f"inbound messages into Postgres ({n_worker:,} events, 2,000 threads)",
             f"{rate:,.0f} msg/s",
-            f"= {rate / kafka_rate:.3f}x raw Kafka, {rate / pg_rate:.3f}x raw Postgres",
+            f"= {rate / kafka_rate:.3f}x raw Kafka, {rate / pg_rate:.3f}x raw Postgres, "
+            f"{rate / faust_rate:.2f}x Faust no-op",
         )
         row("  timer updates as a side effect (one per message)", f"{rate:,.0f} /s")
 

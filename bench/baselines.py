@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -78,3 +79,37 @@ async def pg_batched_insert(dsn: str, n: int, batch: int = 1000) -> float:
         return n / (time.perf_counter() - start)
     finally:
         await conn.close()
+
+
+async def faust_noop(bootstrap: str, n: int, partitions: int = 8) -> float:
+    """Events per second through Faust's stream machinery alone (no-op agent, manual acks)."""
+    topic = "bench-noop-" + uuid.uuid4().hex[:8]
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    await admin.close()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024
+    )
+    await producer.start()
+    try:
+        for chunk in range(0, n, 5000):
+            futs = [
+                await producer.send(topic, b"x" * 300, key=str(i % 2000).encode())
+                for i in range(chunk, min(n, chunk + 5000))
+            ]
+            await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.faust_noop",
+        bootstrap,
+        topic,
+        str(n),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 600)
+    return float(out.decode().split()[-1])
