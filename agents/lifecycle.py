@@ -96,11 +96,6 @@ class LifecycleAgent:
                 self._pool = await create_pool(self.settings.database_url, self.settings.db_pool_size)
             return self._pool
 
-    async def close(self) -> None:
-        """Close the pool."""
-        if self._pool is not None:
-            await self._pool.close()
-
     async def _run(self, stream: faust.StreamT[bytes]) -> None:
         # Opportunistic batching: while one batch is written, the next accumulates, so batches
         # grow with load and an idle worker writes a lone event at once (no fixed linger).

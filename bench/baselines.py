@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 import uuid
@@ -112,4 +113,7 @@ async def faust_noop(bootstrap: str, n: int, partitions: int = 8) -> float:
         stderr=asyncio.subprocess.DEVNULL,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 600)
-    return float(out.decode().split()[-1])
+    found = re.search(r"RATE (\d+)", out.decode(errors="replace"))
+    if found is None:
+        raise RuntimeError(f"the Faust no-op run printed no rate: {out[-500:]!r}")
+    return float(found.group(1))

@@ -48,7 +48,8 @@ def main() -> None:
             seen += 1
             await manual.ack(event)
             if seen >= n:
-                print(f"{(n - 1) / (time.perf_counter() - started):.0f}", flush=True)
+                # Faust writes terminal control codes to stdout too; the marker makes it parseable.
+                print(f"RATE {(n - 1) / (time.perf_counter() - started):.0f}", flush=True)
                 os._exit(0)  # a measurement, not a service: no graceful shutdown to wait for
 
     faust.Worker(app, loop=loop, loglevel="WARNING", quiet=True).execute_from_commandline()
