@@ -52,7 +52,8 @@ def main() -> None:
                 print(f"RATE {(n - 1) / (time.perf_counter() - started):.0f}", flush=True)
                 os._exit(0)  # a measurement, not a service: no graceful shutdown to wait for
 
-    faust.Worker(app, loop=loop, loglevel="WARNING", quiet=True).execute_from_commandline()
+    worker = faust.Worker(app, loop=loop, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
 
 
 if __name__ == "__main__":
