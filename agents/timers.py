@@ -90,24 +90,36 @@ class Timers:
         )
 
     def apply(self, effects: Iterable[tuple[bytes, SetTimer | CancelTimer]]) -> None:
-        """Carry out the timer effects of a committed batch: per thread only the last one counts."""
-        # A busy thread moves its deadline with every message; one changelog write per batch
-        # per thread is enough, since only the final state of the batch is ever visible.
+        """Carry out the timer effects of a committed batch: per thread only the last one counts.
+
+        The in-memory store always holds the real timer (the firing loop reads it). The
+        changelog is written only when a deadline moves earlier or the thread's conversation
+        changes: the common case, a message pushing the deadline later, writes nothing. So the
+        changelog may hold an earlier deadline of an older version; after a crash that one fires
+        first, the lifecycle sees a stale timer of the current conversation and re-arms the real
+        deadline (domain.lifecycle), so timers still fire once, on time, never early.
+        """
         last: dict[bytes, SetTimer | CancelTimer] = {}
         for key, effect in effects:
             last.pop(key, None)
             last[key] = effect
         earliest = self.wheel.next_due_ms()
+        store = self.table.data
         for key, effect in last.items():
             if isinstance(effect, SetTimer):
                 due = due_ms(effect.due_at)
-                self.table[key] = pack(effect.conversation_id, effect.version, due)
+                value = pack(effect.conversation_id, effect.version, due)
+                old = store.get(key)
+                if old is None or unpack(old)[0] != effect.conversation_id or due < unpack(old)[2]:
+                    self.table[key] = value  # store + changelog (flushed before offsets commit)
+                else:
+                    store[key] = value  # later deadline: memory only, see the docstring
                 self.wheel.schedule(key, due)
                 if earliest is None or due < earliest:
                     earliest = due
                     self._wake.set()
             else:
-                current = self.table.get(key)
+                current = store.get(key)
                 if current is not None and unpack(current)[0] == effect.conversation_id:
                     del self.table[key]
                 self.wheel.cancel(key)

@@ -18,10 +18,10 @@ _MARKERS = {
 }
 
 
-def _snapshot() -> dict[str, float]:
-    """CPU seconds used so far by each component (Postgres backends count with Postgres)."""
+def _snapshot() -> dict[int, tuple[str, float]]:
+    """pid -> (component, CPU seconds used so far); Postgres backends count with Postgres."""
     me = psutil.Process(os.getpid())
-    totals = {"bench client": sum(me.cpu_times()[:2])}
+    found = {me.pid: ("bench client", sum(me.cpu_times()[:2]))}
     for child in me.children(recursive=True):
         try:
             cmd = " ".join(child.cmdline())
@@ -30,24 +30,25 @@ def _snapshot() -> dict[str, float]:
             continue
         for name, marker in _MARKERS.items():
             if marker in cmd or (name == "postgres" and child.name() == "postgres"):
-                totals[name] = totals.get(name, 0.0) + used
+                found[child.pid] = (name, used)
                 break
-    return totals
+    return found
 
 
 @contextmanager
 def accounting(into: dict[str, float]) -> Iterator[None]:
     """Fill `into` with each component's CPU use during the block, in % of one core.
 
-    Processes that exit during the block lose their share; the phases measured here keep every
-    component running.
+    Short-lived processes that exit during the block (a Postgres backend of a closed connection)
+    lose their share; the components themselves keep running through every phase.
     """
     start = _snapshot()
     t0 = time.monotonic()
     yield
     wall = time.monotonic() - t0
-    for name, used in _snapshot().items():
-        into[name] = 100 * (used - start.get(name, 0.0)) / wall
+    for pid, (name, used) in _snapshot().items():
+        # A process born during the block counts from zero; one that died is not counted.
+        into[name] = into.get(name, 0.0) + 100 * (used - start.get(pid, (name, 0.0))[1]) / wall
 
 
 def describe(usage: dict[str, float]) -> str:

@@ -344,6 +344,11 @@ def _deadline(conv: Conversation, event: TimerFired | SweepFired, now: datetime)
     if not current_timer or conv.deadline_at is None:
         detail = f"{source} v{event.version}; current {conv.id} v{conv.version} is {conv.state}"
         note = Record(event.conversation_id, "stale_timer", None, None, detail)
+        if event.conversation_id == conv.id and conv.deadline_at is not None:
+            # An older version's timer of this very conversation: the timer store may lag the
+            # conversation (a crash lost a later deadline). Re-arm the real one, so it still
+            # fires on time; never close on the old one.
+            return Decision(conv, False, (note, SetTimer(conv.id, conv.version, conv.deadline_at)))
         return Decision(conv, False, (note,))
     if now < conv.deadline_at:
         if isinstance(event, SweepFired):

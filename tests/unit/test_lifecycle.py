@@ -257,6 +257,19 @@ def test_seed_scenario_a_timer_after_refresh_is_stale_and_no_message_is_lost() -
     assert stored == [StoreMessage(CONV_ID, "wamid-1"), StoreMessage(CONV_ID, "wamid-2")]
 
 
+def test_an_older_versions_timer_re_arms_the_current_deadline_and_never_closes() -> None:
+    # After a crash the timer store may hold an earlier deadline of an older version.
+    current = make(State.PROCESSING)
+    old = TimerFired("ev-old", current.id, current.version, T0 + timedelta(seconds=4))
+    newer = run(current, msg("ainda estou aqui", 1), T0 + timedelta(seconds=3)).conversation
+    assert newer is not None and newer.deadline_at is not None
+    fired = run(newer, old, T0 + timedelta(seconds=4))
+    assert fired.changed is False and fired.conversation is newer
+    assert SetTimer(newer.id, newer.version, newer.deadline_at) in fired.effects
+    other = TimerFired("ev-other", "another-conversation", 1, T0)
+    assert not [e for e in run(newer, other, T0 + timedelta(seconds=4)).effects if isinstance(e, SetTimer)]
+
+
 @pytest.mark.parametrize("text", ["Ok, pode fechar então", "tchau", "obrigado, tchau"])
 def test_seed_scenario_b_farewell_then_timer_closes_as_user_closed(text: str) -> None:
     current = make(State.PROCESSING)
