@@ -49,6 +49,13 @@ class BatchStats:
 
     def _reset(self, now: float) -> None:
         self.since, self.batches, self.events, self.busy = now, 0, 0, 0.0
+        self.delay_sum, self.delay_max, self.arrivals = 0.0, 0.0, 0
+
+    def arrived(self, delay: float) -> None:
+        """An event reached the agent `delay` seconds after Kafka stored it."""
+        self.arrivals += 1
+        self.delay_sum += delay
+        self.delay_max = max(self.delay_max, delay)
 
     def observe(self, size: int, seconds: float) -> None:
         """Count one handled batch; log and reset once per interval."""
@@ -58,12 +65,15 @@ class BatchStats:
         now = time.monotonic()
         if now - self.since >= self.interval:
             log.info(
-                "lifecycle: %d events in %d batches (avg %.0f/batch, %.1f ms/batch), %.0f%% busy",
+                "lifecycle: %d events in %d batches (avg %.0f/batch, %.1f ms/batch), %.0f%% busy; "
+                "Kafka-to-agent delay avg %.0f ms, max %.0f ms",
                 self.events,
                 self.batches,
                 self.events / self.batches,
                 1000 * self.busy / self.batches,
                 100 * self.busy / (now - self.since),
+                1000 * self.delay_sum / max(1, self.arrivals),
+                1000 * self.delay_max,
             )
             self._reset(now)
 
@@ -106,10 +116,15 @@ class LifecycleAgent:
         room = asyncio.Event()
         room.set()
         limit = self.settings.worker_batch_size
+        linger = self.settings.worker_linger.total_seconds()
 
         async def writer() -> None:
             while True:
                 await ready.wait()
+                if len(pending) < limit and linger > 0:
+                    # Give the consumer a moment to deliver more: a batch of one costs nearly
+                    # as much as a batch of a hundred, and tiny batches starve the consumer.
+                    await asyncio.sleep(linger)  # batching window, not synchronisation
                 batch = pending[:limit]
                 del pending[:limit]
                 if not pending:
@@ -124,6 +139,7 @@ class LifecycleAgent:
         task = asyncio.create_task(writer())
         try:
             async for event in manual.events():
+                self.stats.arrived(time.time() - event.message.timestamp)
                 pending.append(event)
                 ready.set()
                 if len(pending) >= 2 * limit:

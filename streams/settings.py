@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     app_id: str = "parley"
     worker_metrics_port: int = 9464
     worker_batch_size: int = Field(1000, ge=1)
+    worker_linger: Duration = timedelta(milliseconds=10)
     worker_retries: int = Field(5, ge=0)
     db_pool_size: int = Field(8, ge=1)
 
