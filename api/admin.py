@@ -15,9 +15,8 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from api.context import CONTEXT, error
 from api.ingress import KafkaUnavailable
 from domain.lifecycle import CloseReason
-from streams.records import CHANNEL_IN, AcceptCommand, CloseCommand, OutboundMessage
+from streams.records import CHANNEL_IN, AcceptCommand, CloseCommand, OutboundMessage, keyed
 from streams.store import DuplicateChannel, decode_cursor
-from streams.topics import thread_key
 
 routes = web.RouteTableDef()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -163,11 +162,7 @@ async def _command(request: web.Request, build: Callable[[dict[str, Any], str], 
     event_id = f"cmd:{uuid.uuid4()}"
     record = build(conv, event_id)
     try:
-        await ctx.ingress.send(
-            ctx.topics.conversation_events,
-            thread_key(conv["channel_id"], conv["contact_id"]),
-            record.model_dump_json().encode(),
-        )
+        await ctx.ingress.send(ctx.topics.conversation_events, *keyed(record))
     except KafkaUnavailable:
         return error(503, "event log unavailable, retry later")
     return web.json_response({"accepted": record.event_id}, status=202)

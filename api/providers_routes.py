@@ -20,8 +20,7 @@ from api.deadletters import REDRIVERS
 from api.ingress import KafkaUnavailable
 from api.providers import twilio, whatsapp
 from api.signatures import SignatureError
-from streams.records import DeadLetter, InboundMessage, StatusReceipt
-from streams.topics import thread_key
+from streams.records import DeadLetter, InboundMessage, StatusReceipt, keyed
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -61,7 +60,7 @@ def _wa_events(
             sent_at=m.sent_at,
             received_at=now,
         )
-        events.append((thread_key(channel_id, m.contact_id), rec.model_dump_json().encode()))
+        events.append(keyed(rec))
     for st in batch.statuses:
         channel_id = channels[st.phone_number_id]
         receipt = StatusReceipt(
@@ -76,7 +75,7 @@ def _wa_events(
             payload=st.payload,
             received_at=now,
         )
-        events.append((thread_key(channel_id, st.recipient_id), receipt.model_dump_json().encode()))
+        events.append(keyed(receipt))
     for err in batch.errors:
         log.warning(
             "whatsapp: provider error for phone_number_id=%s: %s %s", err.phone_number_id, err.code, err.title
@@ -175,7 +174,7 @@ def _tw_event(channel_id: str, item: twilio.TwMessage | twilio.TwStatus, now: da
             sent_at=now,
             received_at=now,
         )
-        return thread_key(channel_id, item.contact_id), rec.model_dump_json().encode()
+        return keyed(rec)
     errors = [{"code": item.error_code, "title": item.error_message}] if item.error_code else []
     receipt = StatusReceipt(
         event_id=f"status:{channel_id}:{item.provider_message_id}:{item.status}",
@@ -189,7 +188,7 @@ def _tw_event(channel_id: str, item: twilio.TwMessage | twilio.TwStatus, now: da
         payload=item.payload,
         received_at=now,
     )
-    return thread_key(channel_id, item.recipient_id), receipt.model_dump_json().encode()
+    return keyed(receipt)
 
 
 @routes.post("/webhooks/twilio")

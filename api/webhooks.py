@@ -12,8 +12,7 @@ from pydantic import ValidationError
 from api.context import CONTEXT, error
 from api.ingress import KafkaUnavailable
 from api.signatures import SignatureError, standard_webhook_key, verify_standard_webhook
-from streams.records import GenericWebhook, InboundMessage
-from streams.topics import thread_key
+from streams.records import GenericWebhook, InboundMessage, keyed
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -65,11 +64,7 @@ async def generic_webhook(request: web.Request) -> web.Response:
         received_at=now,
     )
     try:
-        await ctx.ingress.send(
-            ctx.topics.conversation_events,
-            thread_key(channel_id, msg.from_),
-            record.model_dump_json().encode(),
-        )
+        await ctx.ingress.send(ctx.topics.conversation_events, *keyed(record))
     except KafkaUnavailable as exc:
         log.error("webhook not accepted, Kafka unavailable: %s (%s)", record.event_id, exc)
         return error(503, "event log unavailable, retry later")

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
 from domain.lifecycle import CloseReason
+from streams.topics import thread_key
 
 # Conversation ids are uuid5 of the event that opened them, so replay recreates the same ids.
 CONVERSATION_NAMESPACE = uuid.UUID("6f1d4b52-8f7e-4c39-9a51-0c3f2a7d9e10")
@@ -117,6 +118,11 @@ ConversationEvent = Annotated[
 ]
 LifecycleEvent = InboundMessage | CloseCommand | AcceptCommand | TimerFiredRecord
 CONVERSATION_EVENT: TypeAdapter[ConversationEvent] = TypeAdapter(ConversationEvent)
+
+
+def keyed(event: ConversationEvent) -> tuple[bytes, bytes]:
+    """(thread key, JSON value) of a conversation event, ready to produce."""
+    return thread_key(event.channel_id, event.contact_id), event.model_dump_json().encode()
 
 
 def occurred_at(event: ConversationEvent) -> datetime:
