@@ -36,7 +36,12 @@ async def _worker_ready(admin_client: AIOKafkaAdminClient, group: str) -> tuple[
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """Kafka and Postgres reachable and the worker group has its partitions."""
+    """Kafka and Postgres reachable and the worker group has its partitions.
+
+    `?worker=false` leaves the worker out: an API process can accept webhooks into Kafka while
+    the workers rebalance, so its own readiness probe (k8s) should not depend on them.
+    """
+    with_worker = request.query.get("worker", "true").lower() != "false"
     ctx = request.app[CONTEXT]
     checks: dict[str, str] = {}
     ok = True
@@ -50,10 +55,12 @@ async def readyz(request: web.Request) -> web.Response:
     )
     try:
         await asyncio.wait_for(admin_client.start(), 3)
-        worker_ok, detail = await asyncio.wait_for(_worker_ready(admin_client, ctx.settings.app_id), 3)
+        await asyncio.wait_for(admin_client.list_topics(), 3)
         checks["kafka"] = "ok"
-        checks["worker"] = detail
-        ok = ok and worker_ok
+        if with_worker:
+            worker_ok, detail = await asyncio.wait_for(_worker_ready(admin_client, ctx.settings.app_id), 3)
+            checks["worker"] = detail
+            ok = ok and worker_ok
     except Exception as exc:  # noqa: BLE001 - any failure means not ready; report which
         ok, checks["kafka"] = False, f"{type(exc).__name__}: {exc}"
     finally:
