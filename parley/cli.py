@@ -145,7 +145,8 @@ def cmd_run(settings: Settings) -> int:
         base = f"http://{settings.http_host}:{settings.http_port}"
         _wait_ready(f"{base}/readyz", children, timeout=120)
         print(
-            f"\nParley is ready.\n  dashboard:  {base}/\n  admin API:  {base}/v1/conversations"
+            f"\nParley is ready.\n  dashboard:  {base}/#token={env['PARLEY_ADMIN_TOKEN']}\n"
+            f"  admin API:  {base}/v1/conversations"
             f"  (Authorization: Bearer {env['PARLEY_ADMIN_TOKEN']})\n"
             f"  webhooks:   {base}/webhooks/generic/<channel_id>\n"
             f"  health:     {base}/healthz  {base}/readyz\n"
