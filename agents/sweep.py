@@ -16,9 +16,8 @@ from typing import Any
 import asyncpg
 import faust
 
-from agents.timers import due_ms, timer_event_id
-from streams.records import TimerFiredRecord
-from streams.topics import thread_key
+from agents.timers import due_ms, fired_event
+from streams.records import keyed
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +62,17 @@ class Sweep:
                 break
             futures: list[Any] = []
             for r in rows:
-                conv_id = str(r["id"])
-                due = due_ms(r["deadline_at"])
-                record = TimerFiredRecord(
-                    event_id=timer_event_id(conv_id, r["version"], due),
-                    channel_id=r["channel_id"],
-                    contact_id=r["contact_id"],
-                    conversation_id=conv_id,
-                    version=r["version"],
-                    due_at=r["deadline_at"],
-                    fired_at=max(now, r["deadline_at"]),
+                record = fired_event(
+                    r["channel_id"],
+                    r["contact_id"],
+                    str(r["id"]),
+                    r["version"],
+                    due_ms(r["deadline_at"]),
+                    now,
                     source="sweep",
                 )
-                key = thread_key(r["channel_id"], r["contact_id"])
-                futures.append(await self.source.send(key=key, value=record.model_dump_json().encode()))
+                key, value = keyed(record)
+                futures.append(await self.source.send(key=key, value=value))
             for fut in futures:
                 await fut
             refired += len(rows)

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import faust
 
@@ -41,6 +41,30 @@ def due_ms(at: datetime) -> int:
 def timer_event_id(conversation_id: str, version: int, due: int) -> str:
     """The identity of one timer firing; the sweep uses the same one, so repeats dedupe."""
     return f"timer:{conversation_id}:{version}:{due}"
+
+
+def fired_event(
+    channel_id: str,
+    contact_id: str,
+    conversation_id: str,
+    version: int,
+    due: int,
+    fired_at: datetime,
+    source: Literal["timer", "sweep"] = "timer",
+) -> TimerFiredRecord:
+    """The event of one timer firing (due in whole ms, see due_ms); the timer and the sweep
+    both build it here, so the same deadline always has the same event id."""
+    due_at = datetime.fromtimestamp(due / 1000, UTC)
+    return TimerFiredRecord(
+        event_id=timer_event_id(conversation_id, version, due),
+        channel_id=channel_id,
+        contact_id=contact_id,
+        conversation_id=conversation_id,
+        version=version,
+        due_at=due_at,
+        fired_at=max(fired_at, due_at),  # never before its deadline, whoever fires it
+        source=source,
+    )
 
 
 def pack(conversation_id: str, version: int, due: int) -> bytes:
@@ -171,15 +195,7 @@ class Timers:
             if table_due != due_at:
                 continue  # rescheduled; the wheel holds the newer due
             channel_id, contact_id = split_thread_key(key)
-            record = TimerFiredRecord(
-                event_id=timer_event_id(conversation_id, version, due_at),
-                channel_id=channel_id,
-                contact_id=contact_id,
-                conversation_id=conversation_id,
-                version=version,
-                due_at=datetime.fromtimestamp(due_at / 1000, UTC),
-                fired_at=fired_at,
-            )
+            record = fired_event(channel_id, contact_id, conversation_id, version, due_at, fired_at)
             try:
                 futures.append(await self.source.send(key=key, value=record.model_dump_json().encode()))
             except Exception as exc:  # noqa: BLE001 - the producer refused: re-arm, try again soon

@@ -42,12 +42,12 @@ async def whatsapp_verify(request: web.Request) -> web.Response:
 
 
 def _wa_events(
-    ctx: Context, channels: dict[str, str], batch: whatsapp.WaBatch, now: datetime, raw: str
+    channels: dict[str, tuple[str, str]], batch: whatsapp.WaBatch, now: datetime, raw: str
 ) -> tuple[list[Event], list[DeadLetter]]:
     events: list[Event] = []
     letters: list[DeadLetter] = []
     for m in batch.messages:
-        channel_id = channels[m.phone_number_id]
+        channel_id = channels[m.phone_number_id][0]
         rec = InboundMessage(
             event_id=f"whatsapp:{channel_id}:{m.provider_message_id}",
             channel_id=channel_id,
@@ -62,7 +62,7 @@ def _wa_events(
         )
         events.append(keyed(rec))
     for st in batch.statuses:
-        channel_id = channels[st.phone_number_id]
+        channel_id = channels[st.phone_number_id][0]
         receipt = StatusReceipt(
             event_id=f"status:{channel_id}:{st.provider_message_id}:{st.status}",
             channel_id=channel_id,
@@ -149,9 +149,7 @@ async def whatsapp_webhook(request: web.Request) -> web.Response:
     except SignatureError as exc:
         log.warning("whatsapp webhook rejected for %s: %s", sorted(channels), exc)
         return error(401, f"signature rejected: {exc}")
-    events, letters = _wa_events(
-        ctx, {p: c for p, (c, _) in channels.items()}, batch, datetime.now(UTC), raw.decode(errors="replace")
-    )
+    events, letters = _wa_events(channels, batch, datetime.now(UTC), raw.decode(errors="replace"))
     try:
         await _produce(ctx, events, letters)
     except KafkaUnavailable as exc:
@@ -232,7 +230,7 @@ async def _redrive_whatsapp(ctx: Context, key: str, raw: str) -> int:
     channels = await _whatsapp_channels(ctx, batch.phone_number_ids())
     if isinstance(channels, str):
         raise LookupError(channels)
-    events, letters = _wa_events(ctx, {p: c for p, (c, _) in channels.items()}, batch, datetime.now(UTC), raw)
+    events, letters = _wa_events(channels, batch, datetime.now(UTC), raw)
     await _produce(ctx, events, letters)
     return len(events)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from agents.timers import due_ms, timer_event_id
+from agents.timers import due_ms, fired_event
 from domain.lifecycle import CloseReason
 from streams.records import AcceptCommand, CloseCommand, InboundMessage, Record, TimerFiredRecord
 from streams.topics import Topics, thread_key
@@ -68,21 +68,15 @@ class Thread:
         )
 
     def timer(
-        self, conv: dict[str, Any], source: str = "timer", fired_at: datetime | None = None
+        self,
+        conv: dict[str, Any],
+        source: Literal["timer", "sweep"] = "timer",
+        fired_at: datetime | None = None,
     ) -> TimerFiredRecord:
         """The conversation's current deadline firing (as the timer table or sweep would)."""
-        deadline = datetime.fromisoformat(conv["deadline_at"])
-        due = due_ms(deadline)
-        return TimerFiredRecord(
-            event_id=timer_event_id(conv["id"], conv["version"], due),
-            channel_id=self.channel_id,
-            contact_id=self.contact_id,
-            conversation_id=conv["id"],
-            version=conv["version"],
-            due_at=deadline,
-            fired_at=fired_at or max(deadline, datetime.now(UTC)),
-            source=source,
-        )
+        due = due_ms(datetime.fromisoformat(conv["deadline_at"]))
+        at = fired_at or datetime.now(UTC)
+        return fired_event(self.channel_id, self.contact_id, conv["id"], conv["version"], due, at, source)
 
     async def produce(self, *records: Record) -> None:
         """Put records on the thread's partition, in this order, acked."""
