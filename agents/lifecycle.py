@@ -209,13 +209,13 @@ class LifecycleAgent:
         log.error(
             "lifecycle: dead-lettering %s[%d]@%d key=%s: %s", msg.topic, msg.partition, msg.offset, key, error
         )
-        letter = DeadLetter(
+        letter = DeadLetter.bounded(
             source_topic=msg.topic,
             partition=msg.partition,
             offset=msg.offset,
             key=key,
-            value=bytes(msg.value).decode(errors="replace"),
-            error=error[:4000],
+            raw=bytes(msg.value or b""),
+            error=error,
             attempts=attempts,
             failed_at=datetime.now(UTC),
         )

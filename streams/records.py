@@ -136,8 +136,19 @@ def occurred_at(event: ConversationEvent) -> datetime:
     return event.issued_at
 
 
+# A letter must fit in one Kafka record (Faust's producer refuses past 1,000,000 bytes) even
+# when every character of the raw value is escaped to six (`\u0000`): 100,000 characters of
+# value and 4,000 of error stay under 650 KB. The source topic/partition/offset fetch the rest.
+LETTER_VALUE_CHARS = 100_000
+LETTER_ERROR_CHARS = 4_000
+
+
 class DeadLetter(Record):
-    """An event parked because it could not be processed, with its error and raw bytes."""
+    """An event parked because it could not be processed, with its error and raw bytes.
+
+    Build it with `bounded`: the value is truncated to LETTER_VALUE_CHARS (value_bytes keeps the
+    original size), so a letter always fits in one record and parking it cannot fail for size.
+    """
 
     source_topic: str
     partition: int
@@ -147,6 +158,37 @@ class DeadLetter(Record):
     error: str
     attempts: int
     failed_at: AwareDatetime
+    value_bytes: int = -1  # size of the original raw value; -1 in letters written before this
+    truncated: bool = False
+
+    @classmethod
+    def bounded(
+        cls,
+        *,
+        source_topic: str,
+        partition: int,
+        offset: int,
+        key: str | None,
+        raw: bytes,
+        error: str,
+        attempts: int,
+        failed_at: datetime,
+    ) -> DeadLetter:
+        """A letter for raw bytes that always fits in one Kafka record."""
+        text = raw[: LETTER_VALUE_CHARS * 4 + 4].decode(errors="replace")
+        value = text[:LETTER_VALUE_CHARS]
+        return cls(
+            source_topic=source_topic,
+            partition=partition,
+            offset=offset,
+            key=None if key is None else key[:1024],
+            value=value,
+            error=error[:LETTER_ERROR_CHARS],
+            attempts=attempts,
+            failed_at=failed_at,
+            value_bytes=len(raw),
+            truncated=len(text) > LETTER_VALUE_CHARS or len(raw) > LETTER_VALUE_CHARS * 4 + 4,
+        )
 
 
 # --- HTTP bodies -------------------------------------------------------------------------
