@@ -83,9 +83,15 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_timer_lateness_p99_ms": lateness[int(0.99 * (len(lateness) - 1))],
                 "parley_sweep_runs_total": sweep.runs,
                 "parley_sweep_refired_total": sweep.refired_total,
+                "parley_lifecycle_parking_failures_total": lifecycle.parking_failures,
+                "parley_lifecycle_writer_up": 0 if lifecycle.failure else 1,
             }
 
-        await serve(settings.http_host, settings.worker_metrics_port, gauges)
+        def health() -> str | None:
+            failure = lifecycle.failure
+            return None if failure is None else f"lifecycle writer died: {type(failure).__name__}"
+
+        await serve(settings.http_host, settings.worker_metrics_port, gauges, health)
 
     app.task(metrics)
     return app, lifecycle

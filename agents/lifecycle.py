@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -19,6 +21,7 @@ import asyncpg
 import faust
 from pydantic import ValidationError
 
+from agents.runner import apply_isolating, supervise
 from agents.timers import Timers
 from streams.projection import BatchResult, StaleVersion, apply_batch
 from streams.records import CONVERSATION_EVENT, ConversationEvent, DeadLetter
@@ -93,6 +96,8 @@ class LifecycleAgent:
         self._pool_lock = asyncio.Lock()
         self.applied = 0
         self.dead_lettered = 0
+        self.parking_failures = 0
+        self.failure: BaseException | None = None  # set when the writer died; /healthz says so
         self.stats = BatchStats()
 
     def register(self) -> None:
@@ -137,6 +142,7 @@ class LifecycleAgent:
                 self.stats.observe(len(batch), time.perf_counter() - started)
 
         task = asyncio.create_task(writer())
+        supervise(task, "lifecycle writer", self.fatal)
         try:
             async for event in manual.events():
                 self.stats.arrived(time.time() - event.message.timestamp)
@@ -146,9 +152,16 @@ class LifecycleAgent:
                     room.clear()
                     await room.wait()  # backpressure: the writer is behind by two batches
                 if task.done():
-                    task.result()  # the writer never fails by design; if it did, crash loudly
+                    break  # the writer died (see fatal): stop consuming, the worker is stopping
         finally:
             task.cancel()
+
+    def fatal(self, exc: BaseException) -> None:
+        """The writer died: report it on /healthz and stop the worker, so that it leaves the
+        group and its partitions move to a live worker (restarted, it resumes from the last
+        commit; nothing unacked is lost)."""
+        self.failure = exc
+        os.kill(os.getpid(), signal.SIGTERM)  # Faust's own graceful stop; cmd_worker exits 1
 
     async def handle(self, batch: Sequence[Any]) -> None:
         """Decode, apply, dead-letter what cannot be applied; returns only when all is safe."""
@@ -158,26 +171,22 @@ class LifecycleAgent:
                 decoded.append((event, CONVERSATION_EVENT.validate_json(event.message.value)))
             except ValidationError as exc:
                 await self.dead_letter(event, f"undecodable event: {exc}", attempts=1)
-        if not decoded:
-            return
-        try:
-            result = await self._apply([record for _, record in decoded])
-            self.timers.apply(result.timers)
-        except Exception:  # noqa: BLE001 - whatever failed, fall back to one event at a time
-            # A batch that keeps failing for its own reasons is retried one event at a time,
-            # so only the poison event is parked.
-            for event, record in decoded:
-                try:
-                    self.timers.apply((await self._apply([record])).timers)
-                except Exception as exc:  # noqa: BLE001 - poison: park it, never drop it
-                    await self.dead_letter(
-                        event, f"{type(exc).__name__}: {exc}", self.settings.worker_retries + 1
-                    )
+        await apply_isolating(decoded, self._apply_and_arm, self._park)
 
-    async def _apply(self, records: list[ConversationEvent]) -> BatchResult:
-        """Apply with retries: transient errors forever, others up to worker_retries times."""
+    async def _apply_and_arm(self, items: Sequence[tuple[Any, ConversationEvent]]) -> None:
+        # A lone event gets worker_retries tries before it is parked; a larger batch that fails
+        # for its own reasons is split at once (retrying it whole would fail the same way).
+        retries = self.settings.worker_retries if len(items) == 1 else 0
+        result = await self._apply([record for _, record in items], retries)
+        self.timers.apply(result.timers)
+
+    async def _park(self, item: tuple[Any, ConversationEvent], exc: BaseException) -> None:
+        await self.dead_letter(item[0], f"{type(exc).__name__}: {exc}", self.settings.worker_retries + 1)
+
+    async def _apply(self, records: list[ConversationEvent], retries: int) -> BatchResult:
+        """Apply with retries: transient errors forever, others up to `retries` times."""
         attempt = 0
-        delay = 0.05
+        delay = 0.01
         while True:
             try:
                 pool = await self.pool()
@@ -188,7 +197,7 @@ class LifecycleAgent:
             except Exception as exc:
                 if not is_transient(exc):
                     attempt += 1
-                    if attempt > self.settings.worker_retries:
+                    if attempt > retries:
                         raise
                 first = records[0].event_id
                 log.warning(
@@ -219,6 +228,26 @@ class LifecycleAgent:
             attempts=attempts,
             failed_at=datetime.now(UTC),
         )
-        fut = await self.dead_letters.send(key=msg.key, value=letter.model_dump_json().encode())
-        await fut
+        value = letter.model_dump_json().encode()
+        delay = 0.1
+        while True:
+            # Parking must not fail: the batch is acked only after the letter is in Kafka.
+            # A bounded letter always fits in a record, so what remains is the broker being
+            # unavailable: retry, holding the partition, until it takes the letter.
+            try:
+                await (await self.dead_letters.send(key=msg.key, value=value))
+                break
+            except Exception as exc:  # noqa: BLE001 - any producer failure: retry
+                self.parking_failures += 1
+                log.error(
+                    "lifecycle: parking %s[%d]@%d failed (%s: %s); retrying in %.1fs",
+                    msg.topic,
+                    msg.partition,
+                    msg.offset,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)  # backoff between retries, not synchronisation
+                delay = min(delay * 2, 10.0)
         self.dead_lettered += 1

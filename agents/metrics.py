@@ -7,6 +7,8 @@ from collections.abc import Callable
 from aiohttp import web
 
 Gauges = Callable[[], dict[str, float]]
+# None when healthy, else why not (e.g. the lifecycle writer died and the worker is stopping).
+Health = Callable[[], str | None]
 
 
 def render(values: dict[str, float]) -> str:
@@ -14,13 +16,16 @@ def render(values: dict[str, float]) -> str:
     return "".join(f"{name} {value:g}\n" for name, value in sorted(values.items()))
 
 
-async def serve(host: str, port: int, gauges: Gauges) -> web.AppRunner:
+async def serve(host: str, port: int, gauges: Gauges, health: Health) -> web.AppRunner:
     """Start the metrics server; the caller keeps the runner to stop it."""
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(text=render(gauges()), content_type="text/plain")
 
     async def healthz(request: web.Request) -> web.Response:
+        problem = health()
+        if problem is not None:
+            return web.json_response({"status": "failing", "reason": problem}, status=503)
         return web.json_response({"status": "ok"})
 
     app = web.Application()

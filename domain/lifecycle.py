@@ -33,6 +33,9 @@ Rules where the contract left room:
   and CloseDenied outside a pending close change nothing. Events with nothing to do on an
   existing conversation record "ignored"; every Record names the conversation it concerns
   (a stale timer names the timer's conversation).
+- Time is monotonic per thread: `now` earlier than the conversation's last change
+  (`updated_at`) is taken as that time, so clocks that differ between API processes can
+  neither close a conversation before its deadline nor open one "before" the last close.
 - On a closed conversation `state_before_close` is the open state it was closed from (a
   pending close counts as the state before it), i.e. where a reopen returns.
 
@@ -243,6 +246,11 @@ def transition(
     """Decide what `event` does at `now` to the thread's latest conversation."""
     if now.utcoffset() is None:
         raise ValueError("now must be timezone-aware")
+    if current is not None and now < current.updated_at:
+        # Time never goes backwards on a thread: events carry the clock of whichever process
+        # took them, and the log's order is the truth. An event stamped earlier than the
+        # thread's last change happens at that change's time.
+        now = current.updated_at
     if isinstance(event, UserMessage):
         return _user_message(current, event, now, policy, channel_id, contact_id)
     if current is None:

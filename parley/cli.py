@@ -74,10 +74,15 @@ def cmd_worker(settings: Settings) -> int:
     uvloop.install()  # the worker is event-loop bound: uvloop's cheaper tasks and I/O pay off
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    app, _ = create_app(settings)
+    app, lifecycle = create_app(settings)
     worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True)
-    worker.execute_from_commandline()
-    return 0
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise
+    # A worker stopped because its writer died must not look like a clean stop to its supervisor.
+    return 1 if lifecycle.failure is not None else 0
 
 
 def _admin_token(settings: Settings) -> str:

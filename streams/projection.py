@@ -128,34 +128,47 @@ def _conversation(row: asyncpg.Record) -> Conversation:
     )
 
 
+# The thread's current conversation: the highest thread_seq (log order, never a wall clock);
+# the open one, if any, always has it. One index probe per thread.
 _LATEST = """
-SELECT DISTINCT ON (c.channel_id, c.contact_id) c.*
-FROM conversations c
-JOIN unnest($1::text[], $2::text[]) AS t(channel_id, contact_id)
-  ON c.channel_id = t.channel_id AND c.contact_id = t.contact_id
-ORDER BY c.channel_id, c.contact_id, c.opened_at DESC
+SELECT c.*
+FROM unnest($1::text[], $2::text[]) AS t(channel_id, contact_id)
+CROSS JOIN LATERAL (
+  SELECT * FROM conversations c
+  WHERE c.channel_id = t.channel_id AND c.contact_id = t.contact_id
+  ORDER BY c.thread_seq DESC LIMIT 1
+) c
 """
 
 _CONV_COLUMNS = (
     "id, channel_id, contact_id, state, version, opened_at, updated_at, deadline_at,"
     " close_reason, closed_at, previous_conversation_id, assigned_agent,"
-    " pending_close_reason, state_before_close, window_expires_at"
+    " pending_close_reason, state_before_close, window_expires_at, thread_seq"
 )
-_CONV_UNNEST = (
-    "unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],"
-    " $7::timestamptz[], $8::timestamptz[], $9::text[], $10::timestamptz[], $11::uuid[],"
-    " $12::text[], $13::text[], $14::text[], $15::timestamptz[])"
-)
+_CONV_TYPES = (
+    "uuid text text text int timestamptz timestamptz timestamptz text timestamptz uuid text text text"
+    " timestamptz bigint"
+).split()
+
+
+def _unnest(types: Sequence[str]) -> str:
+    """unnest($1::t1[], $2::t2[], ...): one parameter array per column."""
+    return "unnest(" + ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1)) + ")"
+
+
+_CONV_UNNEST = _unnest(_CONV_TYPES)
 _INSERT_CONVERSATIONS = f"INSERT INTO conversations ({_CONV_COLUMNS}) SELECT * FROM {_CONV_UNNEST}"
+# One unnest carries the new values and the version each row was read at, so the statement is
+# one scan joined to conversations by primary key: linear in the batch. (It used to join two
+# unnests by id, a nested loop: 1,000 rows cost 999,000 join-filter rejections, 0.4-0.9 s.)
 _UPDATE_CONVERSATIONS = f"""
 UPDATE conversations c SET
   state = u.state, version = u.version, updated_at = u.updated_at, deadline_at = u.deadline_at,
   close_reason = u.close_reason, closed_at = u.closed_at, assigned_agent = u.assigned_agent,
   pending_close_reason = u.pending_close_reason, state_before_close = u.state_before_close,
-  window_expires_at = COALESCE(u.window_expires_at, c.window_expires_at)
-FROM (SELECT * FROM {_CONV_UNNEST}) AS u({_CONV_COLUMNS}), unnest($16::uuid[], $17::int[])
-  AS e(id, expected)
-WHERE c.id = u.id AND e.id = u.id AND c.version = e.expected
+  window_expires_at = GREATEST(u.window_expires_at, c.window_expires_at)
+FROM {_unnest([*_CONV_TYPES, "int"])} AS u({_CONV_COLUMNS}, expected)
+WHERE c.id = u.id AND c.version = u.expected
 RETURNING c.id
 """
 _INSERT_MESSAGES = """
@@ -185,7 +198,7 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
 
 
-def _conversation_row(conv: Conversation, window: Any) -> tuple[Any, ...]:
+def _conversation_row(conv: Conversation, window: Any, seq: int) -> tuple[Any, ...]:
     return (
         conv.id,
         conv.channel_id,
@@ -202,6 +215,7 @@ def _conversation_row(conv: Conversation, window: Any) -> tuple[Any, ...]:
         conv.pending_close_reason.value if conv.pending_close_reason else None,
         conv.state_before_close.value if conv.state_before_close else None,
         window,
+        seq,
     )
 
 
@@ -235,6 +249,8 @@ async def apply_batch(
         current: dict[Thread, Conversation] = {
             (r["channel_id"], r["contact_id"]): _conversation(r) for r in rows
         }
+        seqs: dict[Thread, int] = {(r["channel_id"], r["contact_id"]): r["thread_seq"] for r in rows}
+        seq_of: dict[str, int] = {str(r["id"]): r["thread_seq"] for r in rows}
         read_version = {c.id: c.version for c in current.values()}
         changed: dict[str, Conversation] = {}
         windows: dict[str, Any] = {}
@@ -286,6 +302,8 @@ async def apply_batch(
             )
             conv = decision.conversation
             if conv is not None and decision.changed:
+                if conv.id not in seq_of:  # a new conversation: next in the thread's log order
+                    seqs[thread] = seq_of[conv.id] = seqs.get(thread, 0) + 1
                 current[thread] = conv
                 changed[conv.id] = conv
             for effect in decision.effects:
@@ -301,7 +319,10 @@ async def apply_batch(
                             event.sent_at,
                         )
                     )
-                    windows[effect.conversation_id] = event.sent_at + SERVICE_WINDOW
+                    # The window runs from the user's message; a provider clock ahead of ours
+                    # cannot stretch it (and a far-future sent_at cannot overflow).
+                    opened = min(event.sent_at, event.received_at) + SERVICE_WINDOW
+                    windows[effect.conversation_id] = max(windows.get(effect.conversation_id, opened), opened)
                 elif isinstance(effect, Record):
                     version = (
                         changed[effect.conversation_id].version
@@ -330,15 +351,12 @@ async def apply_batch(
         inserts = [c for cid, c in changed.items() if cid not in read_version]
         updates = sorted((c for cid, c in changed.items() if cid in read_version), key=lambda c: c.id)
         if inserts:
-            rows_in = [_conversation_row(c, windows.get(c.id)) for c in inserts]
-            await conn.execute(_INSERT_CONVERSATIONS, *_columns(rows_in, 15))
+            rows_in = [_conversation_row(c, windows.get(c.id), seq_of[c.id]) for c in inserts]
+            await conn.execute(_INSERT_CONVERSATIONS, *_columns(rows_in, 16))
         if updates:
-            rows_up = [_conversation_row(c, windows.get(c.id)) for c in updates]
+            rows_up = [_conversation_row(c, windows.get(c.id), seq_of[c.id]) for c in updates]
             won = await conn.fetch(
-                _UPDATE_CONVERSATIONS,
-                *_columns(rows_up, 15),
-                [c.id for c in updates],
-                [read_version[c.id] for c in updates],
+                _UPDATE_CONVERSATIONS, *_columns(rows_up, 16), [read_version[c.id] for c in updates]
             )
             if len(won) != len(updates):
                 raise StaleVersion(f"{len(updates) - len(won)} conversation(s) changed under us")

@@ -128,19 +128,31 @@ class Deployment:
         finally:
             await conn.close()
 
-    def start(self, part: str) -> subprocess.Popen[bytes]:
-        """Start `parley <part>` (worker or api) as a child process."""
+    def start(
+        self,
+        part: str,
+        *,
+        label: str | None = None,
+        env: dict[str, str] | None = None,
+        clock_offset: float = 0.0,
+    ) -> subprocess.Popen[bytes]:
+        """Start `parley <part>` (worker or api) as a child process, known as `label` (default
+        `part`), with extra env; clock_offset (seconds) runs it with its clock that far off."""
+        label = label or part
         self.logs.mkdir(parents=True, exist_ok=True)
-        with (self.logs / f"{self.name}-{part}.log").open("ab") as out:
+        command = [sys.executable, "-m", "parley.cli", part]
+        if clock_offset:
+            command = [sys.executable, "-m", "tests.integration.skewed_clock", str(clock_offset), part]
+        with (self.logs / f"{self.name}-{label}.log").open("ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "parley.cli", part],
-                env=self.env(),
+                command,
+                env={**self.env(), **(env or {})},
                 cwd=ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,  # a killed test run leaves no process behind
             )
-        self.processes[part] = proc
+        self.processes[label] = proc
         return proc
 
     def log_of(self, part: str) -> str:

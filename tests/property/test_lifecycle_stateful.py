@@ -1,4 +1,8 @@
-"""Hypothesis state machine: random events for one thread under a monotonic clock."""
+"""Hypothesis state machine: random events for one thread, stamped by clocks that disagree.
+
+Messages and commands carry the clock of whichever API process took them (`skew` behind or
+ahead of the thread's true time); timers carry the worker's. The invariants must hold anyway.
+"""
 
 from __future__ import annotations
 
@@ -74,6 +78,8 @@ class ThreadMachine(RuleBasedStateMachine):
         super().__init__()
         self.policy = POLICIES[0]
         self.now = datetime(2025, 3, 10, 9, 0, tzinfo=UTC)
+        self.skew = timedelta(0)  # how far the next message's/command's stamp is behind now
+        self.latest = self.now  # the latest time the thread has seen
         self.conv: Conversation | None = None
         self.timers: list[SetTimer] = []
         self.counter = 0
@@ -93,11 +99,15 @@ class ThreadMachine(RuleBasedStateMachine):
         self.counter += 1
         return f"{prefix}-{self.counter}"
 
-    def apply(self, event: Event) -> Decision:
+    def apply(self, event: Event, *, skewed: bool = True) -> Decision:
         before = self.conv
-        decision = transition(before, event, self.now, self.policy, channel_id="wa", contact_id="5511")
+        stamp = self.now - self.skew if skewed else self.now
+        # the time the thread sees: never before its last change (the domain's rule)
+        now = max(stamp, before.updated_at) if before is not None else stamp
+        decision = transition(before, event, stamp, self.policy, channel_id="wa", contact_id="5511")
         after = decision.conversation
-        self.check_step(before, event, decision)
+        self.check_step(before, event, decision, now)
+        self.latest = max(self.latest, now)
         self.timers += [e for e in decision.effects if isinstance(e, SetTimer)]
         for effect in decision.effects:
             if isinstance(effect, Record) and effect.kind == "closed":
@@ -112,7 +122,9 @@ class ThreadMachine(RuleBasedStateMachine):
         self.conv = after
         return decision
 
-    def check_step(self, before: Conversation | None, event: Event, decision: Decision) -> None:
+    def check_step(
+        self, before: Conversation | None, event: Event, decision: Decision, now: datetime
+    ) -> None:
         after = decision.conversation
         stored = [e for e in decision.effects if isinstance(e, StoreMessage)]
         kinds = [e.kind for e in decision.effects if isinstance(e, Record)]
@@ -122,20 +134,22 @@ class ThreadMachine(RuleBasedStateMachine):
             assert after is before
             assert not [e for e in decision.effects if isinstance(e, CancelTimer)]
             return
-        assert after is not None and after.updated_at == self.now
+        assert after is not None and after.updated_at == now
         if before is not None and after.id == before.id:
             assert after.version == before.version + 1
         else:
             assert after.version == 1
             assert after.previous_conversation_id == (before.id if before else None)
             assert isinstance(event, UserMessage) and after.id == event.new_conversation_id
+            # time never goes backwards on the thread, whatever the clocks said
+            assert before is None or after.opened_at >= before.updated_at
         if after.state is State.CLOSED:
             assert after.deadline_at is None and after.close_reason is not None
-            assert after.closed_at is not None and after.closed_at <= self.now
+            assert after.closed_at is not None and after.closed_at <= now
         else:
             timeout = self.policy.timeout_for(after.state)
             assert after.deadline_at is not None and timeout is not None
-            assert after.deadline_at == self.now + timeout > after.updated_at
+            assert after.deadline_at == now + timeout > after.updated_at
             assert SetTimer(after.id, after.version, after.deadline_at) in decision.effects
             assert after.close_reason is None and after.closed_at is None
         if before is None or before.id != after.id:
@@ -143,13 +157,13 @@ class ThreadMachine(RuleBasedStateMachine):
         if isinstance(event, TimerFired | SweepFired):
             # only the current version's timer closes, and never before the deadline
             assert (event.conversation_id, event.version) == (before.id, before.version)
-            assert before.deadline_at is not None and before.deadline_at <= self.now
+            assert before.deadline_at is not None and before.deadline_at <= now
         if before.state is State.CLOSED and after.state is not State.CLOSED:
             # the only way out of closed for the same instance: a reopen within the window
             assert isinstance(event, UserMessage) and "reopened" in kinds
             assert before.closed_at is not None
             assert timedelta(0) < self.policy.reopen_window
-            assert self.now - before.closed_at <= self.policy.reopen_window
+            assert now - before.closed_at <= self.policy.reopen_window
         if before.state is State.CLOSED and after.state is State.CLOSED:
             old, new = before.close_reason, after.close_reason
             assert old is not None and new is not None
@@ -162,6 +176,11 @@ class ThreadMachine(RuleBasedStateMachine):
     @rule(seconds=st.integers(min_value=0, max_value=900))
     def advance(self, seconds: int) -> None:
         self.now += timedelta(seconds=seconds)
+
+    @rule(seconds=st.integers(min_value=-120, max_value=120))
+    def clock_skew(self, seconds: int) -> None:
+        # the next messages and commands come from an API process whose clock is this far behind
+        self.skew = timedelta(seconds=seconds)
 
     @rule(text=st.sampled_from(TEXTS))
     def user_message(self, text: str | None) -> None:
@@ -199,7 +218,7 @@ class ThreadMachine(RuleBasedStateMachine):
             if sweep
             else TimerFired(ev, timer.conversation_id, timer.version, timer.due_at)
         )
-        self.apply(event)
+        self.apply(event, skewed=False)
 
     def superseded_timers(self) -> list[SetTimer]:
         conv = self.conv
@@ -216,7 +235,7 @@ class ThreadMachine(RuleBasedStateMachine):
         assert conv is not None and conv.deadline_at is not None
         self.now = max(self.now, conv.deadline_at)
         event = TimerFired(self.next_id("ev"), timer.conversation_id, timer.version, timer.due_at)
-        decision = self.apply(event)
+        decision = self.apply(event, skewed=False)
         assert decision.changed is False and decision.conversation is conv
 
     @precondition(lambda self: self.conv is not None and self.conv.state is not State.CLOSED)
@@ -231,7 +250,7 @@ class ThreadMachine(RuleBasedStateMachine):
             if sweep
             else TimerFired(ev, conv.id, conv.version, conv.deadline_at)
         )
-        decision = self.apply(event)
+        decision = self.apply(event, skewed=False)
         closed = decision.conversation
         assert closed is not None and closed.state is State.CLOSED
         assert (
@@ -259,7 +278,7 @@ class ThreadMachine(RuleBasedStateMachine):
         conv = self.conv
         if conv is not None and conv.state is not State.CLOSED:
             assert conv.deadline_at is not None and conv.deadline_at > conv.updated_at
-            assert conv.updated_at <= self.now
+            assert conv.updated_at <= self.latest
 
 
 ThreadMachine.TestCase.settings = settings(

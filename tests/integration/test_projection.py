@@ -1,0 +1,147 @@
+"""The projection's batched statements against a real Postgres: linear plans, monotonic windows."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from domain.policy import LifecyclePolicy
+from streams.projection import _UPDATE_CONVERSATIONS, apply_batch
+from streams.records import CloseCommand, InboundMessage
+from streams.schema import create_pool, migrate
+from tests.integration.harness import Services
+
+T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+POLICY = LifecyclePolicy(
+    idle_timeout=timedelta(hours=1),
+    processing_timeout=timedelta(hours=1),
+    awaiting_confirmation_timeout=timedelta(minutes=10),
+    waiting_close_timeout=timedelta(minutes=3),
+    close_grace=timedelta(seconds=30),
+    reopen_window=timedelta(0),
+)
+
+
+@pytest.fixture
+async def pool(services: Services) -> AsyncIterator[asyncpg.Pool]:
+    name = "p" + uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(services.postgres_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    pool = await create_pool(services.postgres_url.rsplit("/", 1)[0] + "/" + name, 2)
+    await migrate(pool)
+    yield pool
+    await pool.close()
+
+
+def inbound(contact: str, n: int, at: datetime, sent_at: datetime | None = None) -> InboundMessage:
+    return InboundMessage(
+        event_id=f"generic:ch:{contact}:{n}",
+        channel_id="ch",
+        contact_id=contact,
+        provider="generic",
+        provider_message_id=f"{contact}-{n}",
+        text=f"message {n}",
+        sent_at=sent_at or at,
+        received_at=at,
+    )
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    found = [plan]
+    for child in plan.get("Plans", []):
+        found += _nodes(child)
+    return found
+
+
+class Rollback(Exception):
+    """Undo what EXPLAIN ANALYZE really did."""
+
+
+async def test_the_batched_update_is_linear_in_the_batch(pool: asyncpg.Pool) -> None:
+    # One UPDATE of 1,000 rows out of a table the size of a real one.
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO conversations (id, channel_id, contact_id, state, version, opened_at,"
+            " updated_at, deadline_at, thread_seq)"
+            " SELECT gen_random_uuid(), 'ch', 'c' || n, 'idle', 1, $1::timestamptz, $1,"
+            " $1 + interval '1 hour', 1"
+            " FROM generate_series(1, 50000) AS n",
+            T0,
+        )
+        await conn.execute("ANALYZE conversations")
+        rows = await conn.fetch("SELECT * FROM conversations ORDER BY contact_id LIMIT 1000")
+        cols = "id channel_id contact_id state version opened_at updated_at deadline_at close_reason".split()
+        cols += "closed_at previous_conversation_id assigned_agent pending_close_reason".split()
+        cols += "state_before_close window_expires_at thread_seq".split()
+        args: list[list[Any]] = [[r[c] for r in rows] for c in cols]
+        args[4] = [v + 1 for v in args[4]]  # the new version
+        # Under load the planner chose nested loops for the old statement (two unnests joined by
+        # id: 999,000 join-filter rejections per 1,000 rows). Force nested loops: the statement's
+        # shape, not the planner's mood, must keep it linear.
+        await conn.execute("SET enable_hashjoin = off; SET enable_mergejoin = off")
+        explained = ""
+        with contextlib.suppress(Rollback):
+            async with conn.transaction():
+                explained = await conn.fetchval(
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + _UPDATE_CONVERSATIONS,
+                    *args,
+                    [r["version"] for r in rows],
+                )
+                raise Rollback
+    plan = json.loads(explained)[0]["Plan"]
+    removed = sum(node.get("Rows Removed by Join Filter", 0) for node in _nodes(plan))
+    assert removed <= 1000, f"the join filter rejected {removed:,} rows for a 1,000-row batch"
+    assert plan["Actual Rows"] == 1000  # and every row was updated
+
+
+async def test_the_service_window_never_moves_backwards(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        await apply_batch(conn, [inbound("w", 1, T0 + timedelta(minutes=5))], POLICY)
+        # a later event whose provider clock says it was sent earlier (a delayed retry)
+        await apply_batch(conn, [inbound("w", 2, T0 + timedelta(minutes=6), sent_at=T0)], POLICY)
+        # and one sent "in the future" by a provider clock ahead of ours: capped at receive time
+        await apply_batch(
+            conn, [inbound("w", 3, T0 + timedelta(minutes=7), sent_at=T0 + timedelta(days=3650))], POLICY
+        )
+        window = await conn.fetchval("SELECT window_expires_at FROM conversations WHERE contact_id = 'w'")
+    assert window == T0 + timedelta(minutes=7, hours=24)
+
+
+async def test_a_thread_whose_events_carry_clocks_out_of_order_keeps_one_open_conversation(
+    pool: asyncpg.Pool,
+) -> None:
+    async with pool.acquire() as conn:
+        await apply_batch(conn, [inbound("k", 1, T0)], POLICY)
+        first = await conn.fetchval("SELECT id FROM conversations WHERE contact_id = 'k'")
+        close = CloseCommand(
+            event_id="cmd:1",
+            channel_id="ch",
+            contact_id="k",
+            conversation_id=str(first),
+            issued_at=T0 + timedelta(seconds=1),
+        )
+        await apply_batch(conn, [close], POLICY)
+        # taken by an API process whose clock is 30 s behind, then one on time, then behind again
+        for n, skew in ((2, -30), (3, 2), (4, -29)):
+            await apply_batch(conn, [inbound("k", n, T0 + timedelta(seconds=skew))], POLICY)
+        rows = await conn.fetch(
+            "SELECT id, state, opened_at, thread_seq FROM conversations"
+            " WHERE contact_id = 'k' ORDER BY thread_seq"
+        )
+        counts = await conn.fetch(
+            "SELECT conversation_id, count(*) AS n FROM messages GROUP BY conversation_id ORDER BY n"
+        )
+    assert [r["state"] for r in rows] == ["closed", "idle"]
+    assert rows[1]["opened_at"] >= T0 + timedelta(seconds=1)  # never before the close it follows
+    assert {str(c["conversation_id"]): c["n"] for c in counts} == {
+        str(rows[0]["id"]): 1,
+        str(rows[1]["id"]): 3,
+    }
