@@ -21,26 +21,17 @@ import asyncpg
 import faust
 from pydantic import ValidationError
 
-from agents.runner import apply_isolating, supervise
+from agents.runner import apply_isolating, is_transient, supervise, with_retries
+
+__all__ = ["LifecycleAgent", "is_transient"]  # is_transient: imported from here by older code
 from agents.timers import Timers
-from streams.projection import BatchResult, StaleVersion, apply_batch
+from streams.projection import BatchResult, apply_batch
 from streams.records import CONVERSATION_EVENT, ConversationEvent, DeadLetter
 from streams.schema import create_pool
 from streams.settings import Settings
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
-
-_TRANSIENT_SQLSTATE_CLASSES = {"08", "40", "53", "57"}  # connection, rollback, resources, shutdown
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors that go away by themselves: retry without limit, never dead-letter."""
-    if isinstance(exc, StaleVersion | OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
-        return True
-    if isinstance(exc, asyncpg.PostgresError):
-        return str(exc.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES
-    return False
 
 
 class BatchStats:
@@ -184,32 +175,16 @@ class LifecycleAgent:
         await self.dead_letter(item[0], f"{type(exc).__name__}: {exc}", self.settings.worker_retries + 1)
 
     async def _apply(self, records: list[ConversationEvent], retries: int) -> BatchResult:
-        """Apply with retries: transient errors forever, others up to `retries` times."""
-        attempt = 0
-        delay = 0.01
-        while True:
-            try:
-                pool = await self.pool()
-                async with pool.acquire() as conn:
-                    result = await apply_batch(conn, records, self.policy)
-                self.applied += result.applied
-                return result
-            except Exception as exc:
-                if not is_transient(exc):
-                    attempt += 1
-                    if attempt > retries:
-                        raise
-                first = records[0].event_id
-                log.warning(
-                    "lifecycle: batch of %d (first %s) failed (%s: %s); retrying in %.2fs",
-                    len(records),
-                    first,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)  # backoff between retries, not synchronisation
-                delay = min(delay * 2, 5.0)
+        """Apply in one transaction, with retries (see with_retries)."""
+
+        async def once() -> BatchResult:
+            async with (await self.pool()).acquire() as conn:
+                return await apply_batch(conn, records, self.policy)
+
+        what = f"lifecycle: batch of {len(records)} (first {records[0].event_id})"
+        result = await with_retries(once, retries=retries, what=what)
+        self.applied += result.applied
+        return result
 
     async def dead_letter(self, event: Any, error: str, attempts: int) -> None:
         """Park one event on the dead-letter topic and wait for Kafka's ack."""

@@ -15,8 +15,42 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+import asyncpg
+
+from streams.projection import StaleVersion
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
+
+_TRANSIENT_SQLSTATE_CLASSES = {"08", "40", "53", "57"}  # connection, rollback, resources, shutdown
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors that go away by themselves: retry without limit, never dead-letter."""
+    if isinstance(exc, StaleVersion | OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    return False
+
+
+async def with_retries(call: Callable[[], Awaitable[R]], *, retries: int, what: str) -> R:
+    """Await call(): transient failures are retried without limit (the partition waits for
+    Postgres to come back), others `retries` times; backoff from 10 ms, doubling, up to 5 s."""
+    attempt = 0
+    delay = 0.01
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not is_transient(exc):
+                attempt += 1
+                if attempt > retries:
+                    raise
+            log.warning("%s failed (%s: %s); retrying in %.2fs", what, type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)  # backoff between retries, not synchronisation
+            delay = min(delay * 2, 5.0)
 
 
 async def apply_isolating(

@@ -9,7 +9,7 @@ import secrets
 
 import aiohttp
 
-from bench import baselines, cpu, pipeline, timers
+from bench import baselines, batches, cpu, pipeline, timers
 from bench.stats import pct, row, summary_ms
 from tests.integration.harness import Deployment, GenericChannel, Services, local_services
 
@@ -24,6 +24,7 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
     row("raw asyncpg INSERT..unnest, 1000/batch", f"{pg_rate:,.0f} rows/s")
     faust_rate = await baselines.faust_noop(services.bootstrap, int(100_000 * scale))
     row("Faust stream machinery alone (no-op agent, manual acks)", f"{faust_rate:,.0f} events/s")
+    await projection(services)
 
     dep = Deployment(services)
     await dep.create_database()
@@ -137,12 +138,39 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
         tdep.stop_all()
 
 
+async def projection(services: Services) -> None:
+    """The projection alone (Postgres, no Kafka): batch cost by size, and a poison batch."""
+    print("\n== projection: one batch, one transaction (Postgres only) ==", flush=True)
+    per_event = await batches.per_event_by_batch_size(services.postgres_url, (10, 100, 1000, 10_000))
+    for size, us in per_event.items():
+        row(f"apply a batch of {size:,} messages (open conversations)", f"{us:,.0f} us/event")
+    spread = max(per_event.values()) / min(per_event.values())
+    row("  largest / smallest per-event cost", f"{spread:.2f}x", "(linear batches: flat within 2x)")
+    clean, bisect, before = await batches.poison_cost(services.postgres_url)
+    row("a batch of 1,000, clean", f"{clean * 1000:,.0f} ms")
+    row(
+        "  with one poison event, bisected (today)",
+        f"{bisect * 1000:,.0f} ms",
+        f"= {bisect / clean:.1f}x clean",
+    )
+    row(
+        "  with one poison event, event by event (before)",
+        f"{before * 1000:,.0f} ms",
+        f"= {before / clean:.1f}x clean",
+    )
+
+
 def main() -> None:
     """Entry point."""
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every count (0.1 = quick)")
     parser.add_argument("--skip-timers", action="store_true", help="skip the timer-wheel micro-benchmark")
+    parser.add_argument("--projection-only", action="store_true", help="only the Postgres projection phase")
     args = parser.parse_args()
+    if args.projection_only:
+        with local_services("parley-bench-") as services:
+            asyncio.run(projection(services))
+        return
     with local_services("parley-bench-") as services:
         print(
             f"services: Kafka {services.bootstrap}, Postgres {services.postgres_url}; "
