@@ -1,8 +1,9 @@
-"""Applies a batch of conversation events to Postgres: decode, call the domain, write once.
+"""Applies a batch of conversation events to Postgres: claim, read, plan, write, in one transaction.
 
-One transaction per batch. The processed_events ledger makes redelivered events no-ops, and
-conversation updates are conditional on the version read at the start of the batch, so a
-second writer (a zombie worker after a rebalance) loses instead of overwriting.
+The processed_events ledger makes redelivered events no-ops; conversation updates are
+conditional on the version read at the start of the batch, so a second writer (a zombie worker
+after a rebalance) loses instead of overwriting. The decisions are made by the pure planner
+(streams.plan); this module is only the reads and writes, each a named SQL statement.
 """
 
 from __future__ import annotations
@@ -10,48 +11,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import asyncpg
-import orjson
 
-from domain.lifecycle import (
-    AgentAccepted,
-    CancelTimer,
-    CloseReason,
-    CloseRequested,
-    Conversation,
-    Emit,
-    Event,
-    Record,
-    SetTimer,
-    State,
-    StoreMessage,
-    SweepFired,
-    TimerFired,
-    UserMessage,
-    transition,
-)
+from domain.lifecycle import CancelTimer, CloseReason, Conversation, Emit, SetTimer, State
 from domain.policy import LifecyclePolicy
+from streams.plan import Current, Plan, Planner, Thread
 from streams.receipts import apply_receipts
-from streams.records import (
-    AcceptCommand,
-    CloseCommand,
-    ConversationEvent,
-    InboundMessage,
-    LifecycleEvent,
-    OutboundMessage,
-    StatusReceipt,
-    TimerFiredRecord,
-    conversation_id_for,
-    occurred_at,
-)
-from streams.topics import thread_key
+from streams.records import ConversationEvent
 
-Thread = tuple[str, str]
-# WhatsApp lets a business answer freely for 24 h after the user's last message.
-SERVICE_WINDOW = timedelta(hours=24)
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
 class StaleVersion(Exception):
@@ -66,40 +36,6 @@ class BatchResult:
     duplicates: int = 0
     timers: list[tuple[bytes, SetTimer | CancelTimer]] = field(default_factory=list)
     emits: list[Emit] = field(default_factory=list)
-
-
-def to_domain(event: LifecycleEvent) -> Event:
-    """The domain event a wire record stands for."""
-    if isinstance(event, InboundMessage):
-        return UserMessage(
-            event.event_id,
-            message_id=event.provider_message_id,
-            text=event.text,
-            new_conversation_id=conversation_id_for(event.event_id),
-        )
-    if isinstance(event, CloseCommand):
-        return CloseRequested(event.event_id, reason=event.reason, by=event.by)
-    if isinstance(event, AcceptCommand):
-        return AgentAccepted(event.event_id, agent_id=event.agent_id)
-    if event.source == "sweep":
-        return SweepFired(event.event_id, conversation_id=event.conversation_id, version=event.version)
-    return TimerFired(
-        event.event_id,
-        conversation_id=event.conversation_id,
-        version=event.version,
-        due_at=event.due_at,
-    )
-
-
-def cause_of(event: LifecycleEvent) -> str:
-    """The audit log's cause column: what made the transition happen."""
-    if isinstance(event, InboundMessage):
-        return f"message:{event.provider_message_id}"
-    if isinstance(event, CloseCommand):
-        return f"command:close:{event.by or 'api'}"
-    if isinstance(event, AcceptCommand):
-        return f"command:accept:{event.agent_id}"
-    return f"{event.source}:{event.due_at.isoformat()}"
 
 
 def _conversation(row: asyncpg.Record) -> Conversation:
@@ -219,151 +155,63 @@ def _conversation_row(conv: Conversation, window: Any, seq: int) -> tuple[Any, .
     )
 
 
+_CLAIM = (
+    "INSERT INTO processed_events (event_id) SELECT unnest($1::text[])"
+    " ON CONFLICT DO NOTHING RETURNING event_id"
+)
+
+
+async def _claim(conn: Conn, events: Sequence[ConversationEvent]) -> list[ConversationEvent]:
+    """Record the events' ids in the ledger; returns the ones not applied before, in order."""
+    fresh = {r["event_id"] for r in await conn.fetch(_CLAIM, [e.event_id for e in events])}
+    todo = []
+    for event in events:
+        if event.event_id in fresh:
+            fresh.discard(event.event_id)  # a duplicate inside the batch applies once
+            todo.append(event)
+    return todo
+
+
+async def _read_current(conn: Conn, events: Sequence[ConversationEvent]) -> dict[Thread, Current]:
+    threads = sorted({(e.channel_id, e.contact_id) for e in events})
+    rows = await conn.fetch(_LATEST, [t[0] for t in threads], [t[1] for t in threads])
+    return {(r["channel_id"], r["contact_id"]): Current(_conversation(r), r["thread_seq"]) for r in rows}
+
+
+async def _write(conn: Conn, plan: Plan) -> None:
+    if plan.inserts:
+        rows_in = [_conversation_row(c, plan.windows.get(c.id), plan.seq[c.id]) for c in plan.inserts]
+        await conn.execute(_INSERT_CONVERSATIONS, *_columns(rows_in, len(_CONV_TYPES)))
+    if plan.updates:
+        rows_up = [_conversation_row(c, plan.windows.get(c.id), plan.seq[c.id]) for c, _ in plan.updates]
+        won = await conn.fetch(
+            _UPDATE_CONVERSATIONS, *_columns(rows_up, len(_CONV_TYPES)), [read for _, read in plan.updates]
+        )
+        if len(won) != len(plan.updates):
+            raise StaleVersion(f"{len(plan.updates) - len(won)} conversation(s) changed under us")
+    if plan.messages:
+        await conn.execute(_INSERT_MESSAGES, *_columns(plan.messages, 7))
+    if plan.audit:
+        await conn.execute(_INSERT_EVENTS, *_columns(plan.audit, 9))
+    if plan.outbound or plan.receipts:
+        await apply_receipts(conn, plan.outbound, plan.receipts)
+
+
 async def apply_batch(
-    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
-    events: Sequence[ConversationEvent],
-    policy: LifecyclePolicy,
+    conn: Conn, events: Sequence[ConversationEvent], policy: LifecyclePolicy
 ) -> BatchResult:
     """Apply events (in order) in one transaction; raises StaleVersion if another writer won."""
-    result = BatchResult()
     async with conn.transaction():
-        fresh = {
-            r["event_id"]
-            for r in await conn.fetch(
-                "INSERT INTO processed_events (event_id) SELECT unnest($1::text[])"
-                " ON CONFLICT DO NOTHING RETURNING event_id",
-                [e.event_id for e in events],
-            )
-        }
-        todo = []
-        for event in events:
-            if event.event_id in fresh:
-                fresh.discard(event.event_id)  # a duplicate inside the batch applies once
-                todo.append(event)
-        result.duplicates = len(events) - len(todo)
+        todo = await _claim(conn, events)
+        result = BatchResult(duplicates=len(events) - len(todo))
         if not todo:
             return result
-
-        threads = sorted({(e.channel_id, e.contact_id) for e in todo})
-        rows = await conn.fetch(_LATEST, [t[0] for t in threads], [t[1] for t in threads])
-        current: dict[Thread, Conversation] = {
-            (r["channel_id"], r["contact_id"]): _conversation(r) for r in rows
-        }
-        seqs: dict[Thread, int] = {(r["channel_id"], r["contact_id"]): r["thread_seq"] for r in rows}
-        seq_of: dict[str, int] = {str(r["id"]): r["thread_seq"] for r in rows}
-        read_version = {c.id: c.version for c in current.values()}
-        changed: dict[str, Conversation] = {}
-        windows: dict[str, Any] = {}
-        messages: list[tuple[Any, ...]] = []
-        audit: list[tuple[Any, ...]] = []
-
-        outbound: list[OutboundMessage] = []
-        receipts: list[StatusReceipt] = []
+        planner = Planner(await _read_current(conn, todo), policy)
         for i, event in enumerate(todo):
             if i % 100 == 99:
                 await asyncio.sleep(0)  # let the timer loop and the fetcher run between chunks
-            if isinstance(event, OutboundMessage):
-                outbound.append(event)  # no lifecycle change; stored below
-                result.applied += 1
-                continue
-            if isinstance(event, StatusReceipt):
-                receipts.append(event)
-                result.applied += 1
-                continue
-            thread = (event.channel_id, event.contact_id)
-            now = occurred_at(event)
-            before = current.get(thread)
-            if isinstance(event, CloseCommand | AcceptCommand | TimerFiredRecord) and (
-                before is None or before.id != event.conversation_id
-            ):
-                # Aimed at a conversation that is no longer the thread's latest: never let it
-                # act on the newer one; keep the attempt in the log of the one it aimed at.
-                audit.append(
-                    (
-                        event.conversation_id,
-                        event.event_id,
-                        "command_ignored",
-                        None,
-                        None,
-                        cause_of(event),
-                        "conversation is not the thread's current one",
-                        0,
-                        now,
-                    )
-                )
-                continue
-            decision = transition(
-                before,
-                to_domain(event),
-                now,
-                policy,
-                channel_id=event.channel_id,
-                contact_id=event.contact_id,
-            )
-            conv = decision.conversation
-            if conv is not None and decision.changed:
-                if conv.id not in seq_of:  # a new conversation: next in the thread's log order
-                    seqs[thread] = seq_of[conv.id] = seqs.get(thread, 0) + 1
-                current[thread] = conv
-                changed[conv.id] = conv
-            for effect in decision.effects:
-                if isinstance(effect, StoreMessage) and isinstance(event, InboundMessage):
-                    messages.append(
-                        (
-                            effect.conversation_id,
-                            event.channel_id,
-                            event.provider_message_id,
-                            event.type,
-                            event.text,
-                            orjson.dumps(event.payload).decode(),
-                            event.sent_at,
-                        )
-                    )
-                    # The window runs from the user's message; a provider clock ahead of ours
-                    # cannot stretch it (and a far-future sent_at cannot overflow).
-                    opened = min(event.sent_at, event.received_at) + SERVICE_WINDOW
-                    windows[effect.conversation_id] = max(windows.get(effect.conversation_id, opened), opened)
-                elif isinstance(effect, Record):
-                    version = (
-                        changed[effect.conversation_id].version
-                        if (effect.conversation_id in changed)
-                        else (conv.version if conv else 0)
-                    )
-                    audit.append(
-                        (
-                            effect.conversation_id,
-                            event.event_id,
-                            effect.kind,
-                            effect.from_state.value if effect.from_state else None,
-                            effect.to_state.value if effect.to_state else None,
-                            cause_of(event),
-                            effect.detail,
-                            version,
-                            now,
-                        )
-                    )
-                elif isinstance(effect, SetTimer | CancelTimer):
-                    result.timers.append((thread_key(*thread), effect))
-                elif isinstance(effect, Emit):
-                    result.emits.append(effect)
-            result.applied += 1
-
-        inserts = [c for cid, c in changed.items() if cid not in read_version]
-        updates = sorted((c for cid, c in changed.items() if cid in read_version), key=lambda c: c.id)
-        if inserts:
-            rows_in = [_conversation_row(c, windows.get(c.id), seq_of[c.id]) for c in inserts]
-            await conn.execute(_INSERT_CONVERSATIONS, *_columns(rows_in, 16))
-        if updates:
-            rows_up = [_conversation_row(c, windows.get(c.id), seq_of[c.id]) for c in updates]
-            won = await conn.fetch(
-                _UPDATE_CONVERSATIONS, *_columns(rows_up, 16), [read_version[c.id] for c in updates]
-            )
-            if len(won) != len(updates):
-                raise StaleVersion(f"{len(updates) - len(won)} conversation(s) changed under us")
-        if messages:
-            await conn.execute(_INSERT_MESSAGES, *_columns(messages, 7))
-        if audit:
-            await conn.execute(_INSERT_EVENTS, *_columns(audit, 9))
-        if outbound or receipts:
-            await apply_receipts(conn, outbound, receipts)
+            planner.add(event)
+        plan = planner.finish()
+        await _write(conn, plan)
+    result.applied, result.timers, result.emits = plan.applied, plan.timers, plan.emits
     return result

@@ -1,0 +1,223 @@
+"""The pure half of applying a batch: events + the threads' current conversations -> a Plan.
+
+No IO and no clock: the projection reads what the plan needs, feeds it the events in log order,
+and writes the plan's rows in one transaction. What the plan decides is exactly what the domain
+decides (`domain.lifecycle.transition`), with the event's own time as `now`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+
+from domain.lifecycle import (
+    AgentAccepted,
+    CancelTimer,
+    CloseRequested,
+    Conversation,
+    Emit,
+    Event,
+    Record,
+    SetTimer,
+    StoreMessage,
+    SweepFired,
+    TimerFired,
+    UserMessage,
+    transition,
+)
+from domain.policy import LifecyclePolicy
+from streams.records import (
+    AcceptCommand,
+    CloseCommand,
+    ConversationEvent,
+    InboundMessage,
+    LifecycleEvent,
+    OutboundMessage,
+    StatusReceipt,
+    TimerFiredRecord,
+    conversation_id_for,
+    occurred_at,
+)
+from streams.topics import thread_key
+
+Thread = tuple[str, str]
+# WhatsApp lets a business answer freely for 24 h after the user's last message.
+SERVICE_WINDOW = timedelta(hours=24)
+
+
+def to_domain(event: LifecycleEvent) -> Event:
+    """The domain event a wire record stands for."""
+    if isinstance(event, InboundMessage):
+        return UserMessage(
+            event.event_id,
+            message_id=event.provider_message_id,
+            text=event.text,
+            new_conversation_id=conversation_id_for(event.event_id),
+        )
+    if isinstance(event, CloseCommand):
+        return CloseRequested(event.event_id, reason=event.reason, by=event.by)
+    if isinstance(event, AcceptCommand):
+        return AgentAccepted(event.event_id, agent_id=event.agent_id)
+    if event.source == "sweep":
+        return SweepFired(event.event_id, conversation_id=event.conversation_id, version=event.version)
+    return TimerFired(
+        event.event_id,
+        conversation_id=event.conversation_id,
+        version=event.version,
+        due_at=event.due_at,
+    )
+
+
+def cause_of(event: LifecycleEvent) -> str:
+    """The audit log's cause column: what made the transition happen."""
+    if isinstance(event, InboundMessage):
+        return f"message:{event.provider_message_id}"
+    if isinstance(event, CloseCommand):
+        return f"command:close:{event.by or 'api'}"
+    if isinstance(event, AcceptCommand):
+        return f"command:accept:{event.agent_id}"
+    return f"{event.source}:{event.due_at.isoformat()}"
+
+
+@dataclass
+class Current:
+    """A thread's current conversation as read, and its position in the thread (thread_seq)."""
+
+    conversation: Conversation
+    seq: int
+
+
+@dataclass
+class Plan:
+    """Everything one batch writes, and what the shell does after the commit."""
+
+    inserts: list[Conversation] = field(default_factory=list)
+    # (new row, version it was read at): the UPDATE is conditional on that version
+    updates: list[tuple[Conversation, int]] = field(default_factory=list)
+    seq: dict[str, int] = field(default_factory=dict)  # conversation id -> thread_seq
+    windows: dict[str, datetime] = field(default_factory=dict)  # conversation id -> window end
+    messages: list[tuple[Any, ...]] = field(default_factory=list)
+    audit: list[tuple[Any, ...]] = field(default_factory=list)
+    outbound: list[OutboundMessage] = field(default_factory=list)
+    receipts: list[StatusReceipt] = field(default_factory=list)
+    timers: list[tuple[bytes, SetTimer | CancelTimer]] = field(default_factory=list)
+    emits: list[Emit] = field(default_factory=list)
+    applied: int = 0
+
+
+class Planner:
+    """Feed events in log order with `add`; `finish` returns the Plan."""
+
+    def __init__(self, current: dict[Thread, Current], policy: LifecyclePolicy) -> None:
+        self.policy = policy
+        self.current = {thread: c.conversation for thread, c in current.items()}
+        self.read_version = {c.conversation.id: c.conversation.version for c in current.values()}
+        self.seqs = {thread: c.seq for thread, c in current.items()}
+        self.plan = Plan(seq={c.conversation.id: c.seq for c in current.values()})
+        self.changed: dict[str, Conversation] = {}
+
+    def add(self, event: ConversationEvent) -> None:
+        """Decide one event against the thread's conversation as the batch left it so far."""
+        plan = self.plan
+        if isinstance(event, OutboundMessage):
+            plan.outbound.append(event)  # no lifecycle change; stored by streams.receipts
+            plan.applied += 1
+            return
+        if isinstance(event, StatusReceipt):
+            plan.receipts.append(event)
+            plan.applied += 1
+            return
+        thread = (event.channel_id, event.contact_id)
+        now = occurred_at(event)
+        before = self.current.get(thread)
+        if isinstance(event, CloseCommand | AcceptCommand | TimerFiredRecord) and (
+            before is None or before.id != event.conversation_id
+        ):
+            # Aimed at a conversation that is no longer the thread's current one: never let it
+            # act on the newer one; keep the attempt in the log of the one it aimed at.
+            plan.audit.append(
+                (
+                    event.conversation_id,
+                    event.event_id,
+                    "command_ignored",
+                    None,
+                    None,
+                    cause_of(event),
+                    "conversation is not the thread's current one",
+                    0,
+                    now,
+                )
+            )
+            return
+        decision = transition(
+            before,
+            to_domain(event),
+            now,
+            self.policy,
+            channel_id=event.channel_id,
+            contact_id=event.contact_id,
+        )
+        conv = decision.conversation
+        if conv is not None and decision.changed:
+            if conv.id not in plan.seq:  # a new conversation: next in the thread's log order
+                self.seqs[thread] = plan.seq[conv.id] = self.seqs.get(thread, 0) + 1
+            self.current[thread] = conv
+            self.changed[conv.id] = conv
+        for effect in decision.effects:
+            if isinstance(effect, StoreMessage) and isinstance(event, InboundMessage):
+                self._message(effect.conversation_id, event)
+            elif isinstance(effect, Record):
+                version = (
+                    self.changed[effect.conversation_id].version
+                    if effect.conversation_id in self.changed
+                    else (conv.version if conv else 0)
+                )
+                plan.audit.append(
+                    (
+                        effect.conversation_id,
+                        event.event_id,
+                        effect.kind,
+                        effect.from_state.value if effect.from_state else None,
+                        effect.to_state.value if effect.to_state else None,
+                        cause_of(event),
+                        effect.detail,
+                        version,
+                        now,
+                    )
+                )
+            elif isinstance(effect, SetTimer | CancelTimer):
+                plan.timers.append((thread_key(*thread), effect))
+            elif isinstance(effect, Emit):
+                plan.emits.append(effect)
+        plan.applied += 1
+
+    def _message(self, conversation_id: str, event: InboundMessage) -> None:
+        self.plan.messages.append(
+            (
+                conversation_id,
+                event.channel_id,
+                event.provider_message_id,
+                event.type,
+                event.text,
+                orjson.dumps(event.payload).decode(),
+                event.sent_at,
+            )
+        )
+        # The window runs from the user's message; a provider clock ahead of ours cannot stretch
+        # it (and a far-future sent_at cannot overflow). It never moves backwards.
+        ends = min(event.sent_at, event.received_at) + SERVICE_WINDOW
+        windows = self.plan.windows
+        windows[conversation_id] = max(windows.get(conversation_id, ends), ends)
+
+    def finish(self) -> Plan:
+        """The plan: new conversations, and updates sorted by id (rows locked in one order)."""
+        plan = self.plan
+        plan.inserts = [c for cid, c in self.changed.items() if cid not in self.read_version]
+        plan.updates = sorted(
+            ((c, self.read_version[cid]) for cid, c in self.changed.items() if cid in self.read_version),
+            key=lambda pair: pair[0].id,
+        )
+        return plan
