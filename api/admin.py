@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import orjson
 from aiohttp import web
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from api import normalize
 from api.context import CONTEXT, error
 from api.ingress import KafkaUnavailable
 from domain.lifecycle import CloseReason
@@ -23,25 +25,62 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M")
 
 
+def bearer_token(header: str | None) -> str | None:
+    """The credentials of an `Authorization: Bearer <token>` header (scheme case-insensitive,
+    RFC 9110), or None for any other scheme or shape."""
+    scheme, _, credentials = (header or "").strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() != "bearer" or not credentials or " " in credentials:
+        return None
+    return credentials
+
+
 @web.middleware
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every /v1 route needs `Authorization: Bearer $PARLEY_ADMIN_TOKEN`."""
     if request.path.startswith("/v1/"):
         token = request.app[CONTEXT].settings.admin_token
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not token or not hmac.compare_digest(given.encode(), token.encode()):
+        given = bearer_token(request.headers.get("Authorization"))
+        if not token or given is None or not hmac.compare_digest(given.encode(), token.encode()):
             return error(401, "missing or wrong bearer token")
     return await handler(request)
 
 
 async def _body(request: web.Request, adapter: TypeAdapter[M]) -> M | web.Response:
     try:
-        return adapter.validate_python(orjson.loads(await request.read()))
-    except orjson.JSONDecodeError as exc:
-        return error(400, f"body is not valid JSON: {exc}")
+        parsed = normalize.load_json(await request.read())
+    except normalize.IngressError as exc:
+        return error(exc.status, str(exc))
+    if normalize.has_nul(parsed):
+        return error(422, "strings must not contain NUL (\\u0000): it cannot be stored")
+    try:
+        return adapter.validate_python(parsed)
     except ValidationError as exc:
         details = exc.errors(include_url=False, include_context=False, include_input=False)
         return error(422, f"body does not match {exc.title}", details=details)
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+def command_event_id(route: str, conversation_id: str, idempotency_key: str | None) -> str:
+    """The event id of an admin command: random, or derived from the caller's Idempotency-Key
+    (per route and conversation), so a retried command has the same id and the worker's ledger
+    applies it once."""
+    if idempotency_key is None:
+        return f"cmd:{uuid.uuid4()}"
+    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+    return f"cmd:{route}:{conversation_id}:{digest}"
+
+
+def _idempotency_key(request: web.Request) -> str | web.Response | None:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        return error(400, f"{IDEMPOTENCY_HEADER} must be 1 to 255 printable ASCII characters")
+    return key
 
 
 def _conversation_id(request: web.Request) -> str | None:
@@ -153,16 +192,25 @@ class OutboundIn(BaseModel):
 OUTBOUND_IN = TypeAdapter(OutboundIn)
 
 
-async def _command(request: web.Request, build: Callable[[dict[str, Any], str], Any]) -> web.Response:
+async def _command(
+    request: web.Request, route: str, build: Callable[[dict[str, Any], str], Any]
+) -> web.Response:
     ctx = request.app[CONTEXT]
+    idempotency_key = _idempotency_key(request)
+    if isinstance(idempotency_key, web.Response):
+        return idempotency_key
     conv_id = _conversation_id(request)
     conv = await ctx.store.conversation(conv_id) if conv_id else None
     if conv is None:
         return error(404, "no such conversation")
-    event_id = f"cmd:{uuid.uuid4()}"
-    record = build(conv, event_id)
+    record = build(conv, command_event_id(route, conv["id"], idempotency_key))
+    key, value = keyed(record)
     try:
-        await ctx.ingress.send(ctx.topics.conversation_events, *keyed(record))
+        normalize.check_record(key, value, "the command")
+    except normalize.IngressError as exc:
+        return error(exc.status, str(exc))
+    try:
+        await ctx.ingress.send(ctx.topics.conversation_events, key, value)
     except KafkaUnavailable:
         return error(503, "event log unavailable, retry later")
     return web.json_response({"accepted": record.event_id}, status=202)
@@ -178,6 +226,7 @@ async def close_conversation(request: web.Request) -> web.Response:
         return error(422, f"reason {body.reason} is automatic; use failed, user_closed or agent_closed")
     return await _command(
         request,
+        "close",
         lambda conv, event_id: CloseCommand(
             event_id=event_id,
             channel_id=conv["channel_id"],
@@ -198,6 +247,7 @@ async def accept_conversation(request: web.Request) -> web.Response:
         return body
     return await _command(
         request,
+        "accept",
         lambda conv, event_id: AcceptCommand(
             event_id=event_id,
             channel_id=conv["channel_id"],
@@ -215,8 +265,11 @@ async def record_outbound(request: web.Request) -> web.Response:
     body = await _body(request, OUTBOUND_IN)
     if isinstance(body, web.Response):
         return body
+    # Already idempotent by the provider's message id; an Idempotency-Key is validated but the id
+    # stays the message's, so two keys can never record the same sent message twice.
     return await _command(
         request,
+        "messages",
         lambda conv, event_id: OutboundMessage(
             event_id=f"outbound:{conv['channel_id']}:{body.provider_message_id}",
             channel_id=conv["channel_id"],

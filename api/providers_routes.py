@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hmac
 import logging
+import secrets
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl
 
-import orjson
 from aiohttp import web
 
+from api import normalize
 from api.context import CONTEXT, Context, error
 from api.deadletters import REDRIVERS
 from api.ingress import KafkaUnavailable
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 Event = tuple[bytes, bytes]
+_NOBODYS_TOKEN = secrets.token_hex(32)
 
 
 @routes.get("/webhooks/whatsapp")
@@ -42,12 +44,22 @@ async def whatsapp_verify(request: web.Request) -> web.Response:
 
 
 def _wa_events(
-    channels: dict[str, tuple[str, str]], batch: whatsapp.WaBatch, now: datetime, raw: str
+    channels: dict[str, tuple[str, str]], batch: whatsapp.WaBatch, now: datetime, raw: bytes
 ) -> tuple[list[Event], list[DeadLetter]]:
+    """The events of a verified body (each checked to fit in a record) and at most ONE letter.
+
+    Raises IngressError(413) when an item would not fit in a Kafka record.
+    """
     events: list[Event] = []
-    letters: list[DeadLetter] = []
     for m in batch.messages:
         channel_id = channels[m.phone_number_id][0]
+        sent_at, fell_back = normalize.provider_time(m.sent_at, now)
+        if fell_back:
+            log.warning(
+                "whatsapp: message %s timestamp %s is implausible, using the receipt time",
+                m.provider_message_id[:100],
+                m.sent_at,
+            )
         rec = InboundMessage(
             event_id=f"whatsapp:{channel_id}:{m.provider_message_id}",
             channel_id=channel_id,
@@ -57,12 +69,17 @@ def _wa_events(
             type=m.type,
             text=m.text,
             payload=m.payload,
-            sent_at=m.sent_at,
+            sent_at=sent_at,
             received_at=now,
         )
-        events.append(keyed(rec))
+        events.append(_fitting(rec, f"message {m.provider_message_id[:100]!r}"))
     for st in batch.statuses:
         channel_id = channels[st.phone_number_id][0]
+        at, fell_back = normalize.provider_time(st.at, now)
+        if fell_back:
+            log.warning(
+                "whatsapp: status of %s has an implausible timestamp %s", st.provider_message_id[:100], st.at
+            )
         receipt = StatusReceipt(
             event_id=f"status:{channel_id}:{st.provider_message_id}:{st.status}",
             channel_id=channel_id,
@@ -70,36 +87,41 @@ def _wa_events(
             provider="whatsapp",
             provider_message_id=st.provider_message_id,
             provider_status=st.status,
-            provider_at=st.at,
+            provider_at=at,
             errors=list(st.errors),
             payload=st.payload,
             received_at=now,
         )
-        events.append(keyed(receipt))
+        events.append(_fitting(receipt, f"status of {st.provider_message_id[:100]!r}"))
     for err in batch.errors:
         log.warning(
             "whatsapp: provider error for phone_number_id=%s: %s %s", err.phone_number_id, err.code, err.title
         )
+    if not batch.unparseable:
+        return events, []
     for bad in batch.unparseable:
         log.error(
-            "whatsapp: unreadable %s for phone_number_id=%s parked: %s",
-            bad.kind,
-            bad.phone_number_id,
-            bad.error,
+            "whatsapp: unreadable %s for phone_number_id=%s: %s", bad.kind, bad.phone_number_id, bad.error
         )
-        letters.append(
-            DeadLetter(
-                source_topic="webhook:whatsapp",
-                partition=-1,
-                offset=-1,
-                key=bad.phone_number_id,
-                value=raw,
-                error=f"{bad.kind}: {bad.error}",
-                attempts=1,
-                failed_at=now,
-            )
-        )
-    return events, letters
+    # One letter per body, whatever the number of unreadable items: the body holds them all.
+    ids = sorted({bad.phone_number_id for bad in batch.unparseable if bad.phone_number_id is not None})
+    letter = DeadLetter.bounded(
+        source_topic="webhook:whatsapp",
+        partition=-1,
+        offset=-1,
+        key=",".join(ids) or None,
+        raw=raw,
+        error="; ".join(f"{bad.kind} {bad.error}" for bad in batch.unparseable),
+        attempts=1,
+        failed_at=now,
+    )
+    return events, [letter]
+
+
+def _fitting(event: InboundMessage | StatusReceipt, what: str) -> Event:
+    key, value = keyed(event)
+    normalize.check_record(key, value, what)
+    return key, value
 
 
 async def _produce(ctx: Context, events: list[Event], letters: list[DeadLetter]) -> None:
@@ -116,40 +138,74 @@ async def _whatsapp_channels(ctx: Context, ids: set[str]) -> dict[str, tuple[str
     for pid in sorted(ids):
         channel = await ctx.channels.get_by("whatsapp", "phone_number_id", pid)
         if channel is None:
-            return f"unknown phone_number_id {pid!r}: register it with POST /v1/channels"
+            return f"unknown phone_number_id {pid[:100]!r}"
         found[pid] = (channel[0], channel[1]["app_secret"])
     return found
 
 
+def _read_envelope(raw: bytes) -> whatsapp.WaBatch:
+    """Decode a verified body: IngressError (400 JSON, 422 depth or envelope) with the reason."""
+    body = normalize.load_json(raw)
+    body, replaced = normalize.scrub_nul(body)
+    if replaced:
+        log.warning("whatsapp: %d string(s) held NUL (\\u0000), replaced by U+FFFD", replaced)
+    try:
+        return whatsapp.parse_envelope(body)
+    except whatsapp.EnvelopeError as exc:
+        raise normalize.IngressError(422, f"not a WhatsApp webhook envelope: {exc}") from exc
+
+
+_REJECTED = "signature rejected"  # the one answer of every unverified WhatsApp request
+
+
 @routes.post("/webhooks/whatsapp")
 async def whatsapp_webhook(request: web.Request) -> web.Response:
-    """Meta's envelope: every message and status becomes its own event."""
+    """Meta's envelope: every message and status becomes its own event.
+
+    The signature is checked before anything parses the body or asks Postgres: the header's
+    shape first, then the app secrets of the phone_number_ids the raw body names (found with a
+    byte search, looked up through the channel cache). Unsigned, wrongly signed and unknown-number
+    requests all get the same 401, and nothing about the body's schema.
+    """
     ctx = request.app[CONTEXT]
     raw = await request.read()
+    header = request.headers.get(whatsapp.SIGNATURE_HEADER)
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return error(400, f"body is not valid JSON: {exc}")
-    try:
-        batch = whatsapp.parse_envelope(body)
-    except whatsapp.EnvelopeError as exc:
-        return error(422, f"not a WhatsApp webhook envelope: {exc}")
-    if not batch.phone_number_ids():
-        # Only changes we do not consume (e.g. account updates): nothing to verify or produce.
+        whatsapp.check_signature_header(header)
+    except SignatureError as exc:
+        log.warning("whatsapp webhook rejected: %s", exc)
+        return error(401, _REJECTED)
+    claimed = whatsapp.claimed_phone_number_ids(raw)
+    if claimed is None:
+        log.warning(
+            "whatsapp webhook rejected: names over %d phone_number_ids", whatsapp.MAX_PHONE_NUMBER_IDS
+        )
+        return error(401, _REJECTED)
+    if not claimed:
+        # No "messages" change (e.g. account updates): nothing to verify against, nothing to produce.
         return web.json_response({"accepted": 0, "parked": 0})
-    channels = await _whatsapp_channels(ctx, batch.phone_number_ids())
+    channels = await _whatsapp_channels(ctx, claimed)
     if isinstance(channels, str):
         log.warning("whatsapp webhook rejected: %s", channels)
-        return error(404, channels)
+        return error(401, _REJECTED)
     # One app signs the whole body; every phone number in it must belong to that app's secret.
-    secrets = {secret for _, secret in channels.values()}
     try:
-        for secret in secrets:
-            whatsapp.verify_signature(secret, raw, request.headers.get("X-Hub-Signature-256"))
+        for secret in {secret for _, secret in channels.values()}:
+            whatsapp.verify_signature(secret, raw, header)
     except SignatureError as exc:
         log.warning("whatsapp webhook rejected for %s: %s", sorted(channels), exc)
-        return error(401, f"signature rejected: {exc}")
-    events, letters = _wa_events(channels, batch, datetime.now(UTC), raw.decode(errors="replace"))
+        return error(401, _REJECTED)
+    now = datetime.now(UTC)
+    try:
+        batch = _read_envelope(raw)
+        if not batch.phone_number_ids() <= channels.keys():
+            # Only a crafted body (e.g. an escaped key) names a number the byte search did not see.
+            log.warning("whatsapp webhook rejected: names numbers its signature did not cover")
+            return error(401, _REJECTED)
+        events, letters = _wa_events(channels, batch, now, raw)
+    except normalize.IngressError as exc:
+        log.warning("whatsapp webhook refused (%d): %s", exc.status, exc)
+        return error(exc.status, str(exc))
     try:
         await _produce(ctx, events, letters)
     except KafkaUnavailable as exc:
@@ -172,7 +228,7 @@ def _tw_event(channel_id: str, item: twilio.TwMessage | twilio.TwStatus, now: da
             sent_at=now,
             received_at=now,
         )
-        return keyed(rec)
+        return _fitting(rec, f"message {item.provider_message_id[:100]!r}")
     errors = [{"code": item.error_code, "title": item.error_message}] if item.error_code else []
     receipt = StatusReceipt(
         event_id=f"status:{channel_id}:{item.provider_message_id}:{item.status}",
@@ -186,7 +242,7 @@ def _tw_event(channel_id: str, item: twilio.TwMessage | twilio.TwStatus, now: da
         payload=item.payload,
         received_at=now,
     )
-    return keyed(receipt)
+    return _fitting(receipt, f"status of {item.provider_message_id[:100]!r}")
 
 
 @routes.post("/webhooks/twilio")
@@ -202,22 +258,29 @@ async def twilio_webhook(request: web.Request) -> web.Response:
         return error(400, f"body is not a valid form: {exc}")
     account = form.get("AccountSid", "")
     channel = await ctx.channels.get_by("twilio", "account_sid", account) if account else None
-    if channel is None:
-        return error(404, f"unknown AccountSid {account!r}: register it with POST /v1/channels")
-    channel_id, config = channel
+    # An unknown account is checked against a token nobody has: it fails like a wrong signature.
+    channel_id, config = channel or ("", {"auth_token": _NOBODYS_TOKEN, "public_url": ""})
     try:
         twilio.verify_signature(
             config["auth_token"], config["public_url"], form, request.headers.get("X-Twilio-Signature")
         )
     except SignatureError as exc:
-        log.warning("twilio webhook rejected for channel %s: %s", channel_id, exc)
+        log.warning("twilio webhook rejected for account %r: %s", account[:64], exc)
         return error(401, f"signature rejected: {exc}")
+    scrubbed, replaced = normalize.scrub_nul(form)
+    if replaced:
+        log.warning("twilio: %d form field(s) held NUL (\\u0000), replaced by U+FFFD", replaced)
     try:
-        item = twilio.parse_form(form)
+        item = twilio.parse_form(scrubbed)
     except twilio.TwilioPayloadError as exc:
         return error(422, f"not a Twilio message or status callback: {exc}")
     try:
-        await _produce(ctx, [_tw_event(channel_id, item, datetime.now(UTC))], [])
+        event = _tw_event(channel_id, item, datetime.now(UTC))
+    except normalize.IngressError as exc:
+        log.warning("twilio webhook refused (%d): %s", exc.status, exc)
+        return error(exc.status, str(exc))
+    try:
+        await _produce(ctx, [event], [])
     except KafkaUnavailable:
         return error(503, "event log unavailable, retry later")
     # Twilio accepts an empty TwiML document: no automatic reply.
@@ -226,11 +289,15 @@ async def twilio_webhook(request: web.Request) -> web.Response:
 
 async def _redrive_whatsapp(ctx: Context, key: str, raw: str) -> int:
     """Re-run a parked (already verified) WhatsApp body; duplicates of what passed are no-ops."""
-    batch = whatsapp.parse_envelope(orjson.loads(raw))
+    body = raw.encode()
+    try:
+        batch = _read_envelope(body)
+    except normalize.IngressError as exc:
+        raise LookupError(f"parked body cannot be re-read (truncated?): {exc}") from exc
     channels = await _whatsapp_channels(ctx, batch.phone_number_ids())
     if isinstance(channels, str):
         raise LookupError(channels)
-    events, letters = _wa_events(channels, batch, datetime.now(UTC), raw)
+    events, letters = _wa_events(channels, batch, datetime.now(UTC), body)
     await _produce(ctx, events, letters)
     return len(events)
 

@@ -14,12 +14,22 @@ class SignatureError(Exception):
 
 
 def standard_webhook_key(secret: str) -> bytes:
-    """The HMAC key of a Standard Webhooks secret (`whsec_<base64>`)."""
+    """The HMAC key of a Standard Webhooks secret (`whsec_<base64>`); ValueError if it has none.
+
+    Accepts what the Standard Webhooks libraries accept from a well-formed secret: standard
+    base64, padded or not (they append "==" before decoding). Stricter than them on purpose in
+    one way: characters outside the base64 alphabet (e.g. URL-safe "-" and "_") are refused,
+    where Python's lenient b64decode would silently drop them and yield a different key.
+    Channel registration validates secrets with this same function.
+    """
     encoded = secret.removeprefix("whsec_")
     try:
-        return base64.b64decode(encoded, validate=True)
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except binascii.Error as exc:
-        raise ValueError("secret must be whsec_ followed by base64") from exc
+        raise ValueError("secret must be whsec_ followed by standard base64") from exc
+    if not key:
+        raise ValueError("secret must not be empty")
+    return key
 
 
 def sign_standard_webhook(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:

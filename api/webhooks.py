@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from datetime import UTC, datetime
+from urllib.parse import quote
 
-import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from api import normalize
 from api.context import CONTEXT, error
 from api.ingress import KafkaUnavailable
 from api.signatures import SignatureError, standard_webhook_key, verify_standard_webhook
@@ -16,6 +18,30 @@ from streams.records import GenericWebhook, InboundMessage, keyed
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
+
+# Unknown channels are checked against a key nobody has, so they fail exactly like a wrong
+# signature (same answer, same HMAC work): a caller cannot probe which channel ids exist.
+_NOBODYS_KEY = secrets.token_bytes(32)
+
+
+def generic_event_id(channel_id: str, contact_id: str, message_id: str) -> str:
+    """The dedupe id of a generic message: message ids are only unique per sender.
+
+    Channel ids have no ':' and the contact is percent-encoded, so the id is unambiguous.
+    """
+    return f"generic:{channel_id}:{quote(contact_id, safe='')}:{message_id}"
+
+
+def _sent_at(timestamp: datetime | int, now: datetime) -> datetime | None:
+    """The sender's timestamp in UTC, or None when it is not a plausible time for this message."""
+    try:
+        if isinstance(timestamp, int):
+            sent_at = datetime.fromtimestamp(timestamp, UTC)
+        else:
+            sent_at = timestamp.astimezone(UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return sent_at if normalize.in_window(sent_at, now) else None
 
 
 @routes.post("/webhooks/generic/{channel_id}")
@@ -25,12 +51,18 @@ async def generic_webhook(request: web.Request) -> web.Response:
     channel_id = request.match_info["channel_id"]
     body = await request.read()  # aiohttp answers 413 past client_max_size
     channel = await ctx.channels.get(channel_id)
+    key = _NOBODYS_KEY
     if channel is None or channel[0] != "generic":
-        return error(404, f"no generic channel {channel_id!r}")
+        log.warning("webhook for unknown generic channel %r", channel_id[:100])
+    else:
+        try:
+            key = standard_webhook_key(channel[1]["secret"])
+        except ValueError:
+            log.error("generic channel %s has an undecodable secret: re-register it", channel_id)
     now = datetime.now(UTC)
     try:
         verify_standard_webhook(
-            standard_webhook_key(channel[1]["secret"]),
+            key,
             msg_id=request.headers.get("webhook-id"),
             timestamp=request.headers.get("webhook-timestamp"),
             signature=request.headers.get("webhook-signature"),
@@ -40,21 +72,33 @@ async def generic_webhook(request: web.Request) -> web.Response:
         )
     except SignatureError as exc:
         log.warning(
-            "webhook rejected: channel=%s id=%s: %s", channel_id, request.headers.get("webhook-id"), exc
+            "webhook rejected: channel=%s id=%s: %s",
+            channel_id[:100],
+            request.headers.get("webhook-id"),
+            exc,
         )
         return error(401, f"signature rejected: {exc}")
     try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return error(400, f"body is not valid JSON: {exc}")
+        parsed = normalize.load_json(body)
+    except normalize.IngressError as exc:
+        return error(exc.status, str(exc))
+    if normalize.has_nul(parsed):
+        # Our own schema: the sender can fix it, and rewriting an id could merge two distinct ones.
+        return error(422, "strings must not contain NUL (\\u0000): it cannot be stored")
     try:
         msg = GenericWebhook.model_validate(parsed)
     except ValidationError as exc:
         details = exc.errors(include_url=False, include_context=False, include_input=False)
         return error(422, "body does not match the generic message schema", details=details)
-    sent_at = datetime.fromtimestamp(msg.timestamp, UTC) if isinstance(msg.timestamp, int) else msg.timestamp
+    sent_at = _sent_at(msg.timestamp, now)
+    if sent_at is None:
+        return error(
+            422,
+            f"timestamp must be within {normalize.MAX_PAST.days} days before and "
+            f"{normalize.MAX_FUTURE.days} day after the time it is received",
+        )
     record = InboundMessage(
-        event_id=f"generic:{channel_id}:{msg.message_id}",
+        event_id=generic_event_id(channel_id, msg.from_, msg.message_id),
         channel_id=channel_id,
         contact_id=msg.from_,
         provider="generic",
@@ -63,8 +107,13 @@ async def generic_webhook(request: web.Request) -> web.Response:
         sent_at=sent_at,
         received_at=now,
     )
+    key_bytes, value = keyed(record)
     try:
-        await ctx.ingress.send(ctx.topics.conversation_events, *keyed(record))
+        normalize.check_record(key_bytes, value, "the message")
+    except normalize.IngressError as exc:
+        return error(exc.status, str(exc))
+    try:
+        await ctx.ingress.send(ctx.topics.conversation_events, key_bytes, value)
     except KafkaUnavailable as exc:
         log.error("webhook not accepted, Kafka unavailable: %s (%s)", record.event_id, exc)
         return error(503, "event log unavailable, retry later")

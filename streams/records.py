@@ -6,8 +6,9 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
+from api.signatures import standard_webhook_key
 from domain.lifecycle import CloseReason
 from streams.topics import thread_key
 
@@ -208,12 +209,21 @@ class GenericWebhook(Record):
 ChannelId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
+def _decodable_secret(secret: str) -> str:
+    # The webhook route decodes the secret with this same function: registering a secret it
+    # cannot decode would make every webhook of the channel fail.
+    standard_webhook_key(secret)
+    return secret
+
+
 class GenericChannelIn(Record):
     """A generic JSON channel signed per Standard Webhooks."""
 
     id: ChannelId
     provider: Literal["generic"]
-    secret: str = Field(pattern=r"^whsec_[A-Za-z0-9+/=]{16,}$")
+    secret: Annotated[
+        str, Field(pattern=r"^whsec_[A-Za-z0-9+/=]{16,}$", max_length=1024), AfterValidator(_decodable_secret)
+    ]
 
 
 class WhatsAppChannelIn(Record):

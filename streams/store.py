@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -19,10 +20,22 @@ def _encode_cursor(opened_at: datetime, conv_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """Parse a listing cursor; ValueError when it is not one of ours."""
+    """Parse a listing cursor; ValueError when it is not one of ours.
+
+    Every part is checked here, so a tampered cursor is a 400 and never reaches Postgres:
+    a JSON pair of an ISO time with its offset and a conversation uuid.
+    """
     try:
-        opened_at, conv_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(opened_at), str(conv_id)
+        decoded = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if not (isinstance(decoded, list) and len(decoded) == 2):
+            raise TypeError("not a pair")
+        opened_at, conv_id = decoded
+        if not (isinstance(opened_at, str) and isinstance(conv_id, str)):
+            raise TypeError("not two strings")
+        at = datetime.fromisoformat(opened_at)
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ValueError("time without offset")
+        return at, str(uuid.UUID(conv_id))
     except Exception as exc:
         raise ValueError("cursor is not valid") from exc
 

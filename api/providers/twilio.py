@@ -11,6 +11,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from api.signatures import SignatureError
 
@@ -31,7 +32,9 @@ class TwMessage:
     provider_message_id: str  # MessageSid
     type: str  # text, image, audio, video, document, location or button
     text: str | None
-    payload: dict[str, Any]  # every form param as received, plus "media" and "channel"
+    # Every form param as received except the one `text` was copied from (Body or ButtonText:
+    # stored once, not twice), plus "media" and "channel".
+    payload: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,36 @@ def expected_signature(auth_token: str, url: str, params: Mapping[str, str]) -> 
     return base64.b64encode(digest).decode()
 
 
+def signed_urls(url: str) -> list[str]:
+    """The forms of the public URL a Twilio signature may cover, as twilio's RequestValidator tries.
+
+    Twilio signs the URL it requested, but not consistently with or without the port: its own
+    validator accepts the URL without any port and the URL with its port (the scheme's default,
+    443 or 80, added when the URL has none). The same two forms, and nothing else, are tried here.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return [url]
+    host = parts.netloc.rsplit(":", 1)[0] if port is not None else parts.netloc
+    default = 443 if parts.scheme == "https" else 80
+    without = parts._replace(netloc=host).geturl()
+    with_port = parts._replace(netloc=f"{host}:{port if port is not None else default}").geturl()
+    return list(dict.fromkeys([url, without, with_port]))
+
+
 def verify_signature(auth_token: str, url: str, params: Mapping[str, str], header: str | None) -> None:
-    """Raise SignatureError unless the header matches; url must be the exact URL Twilio requested."""
+    """Raise SignatureError unless the header matches; url is the public URL Twilio requested."""
     if not header:
         raise SignatureError(f"missing {SIGNATURE_HEADER} header")
-    expected = expected_signature(auth_token, url, params).encode()
     # Bytes, because compare_digest refuses non-ASCII str and a forged header must fail as a mismatch.
-    if not hmac.compare_digest(header.strip().encode("utf-8", "replace"), expected):
+    given = header.strip().encode("utf-8", "replace")
+    matches = [
+        hmac.compare_digest(given, expected_signature(auth_token, form, params).encode())
+        for form in signed_urls(url)
+    ]
+    if not any(matches):
         raise SignatureError("signature does not match")
 
 
@@ -94,7 +120,8 @@ def _message(form: Mapping[str, str]) -> TwMessage:
     to = _required(form, "To")
     media = _media(form)
     kind = _kind(form, media)
-    payload: dict[str, Any] = dict(form)
+    text, source = _text(form, kind)
+    payload: dict[str, Any] = {k: v for k, v in form.items() if k != source}
     payload["media"] = media
     payload["channel"] = "whatsapp" if sender.startswith(_WHATSAPP_PREFIX) else "sms"
     return TwMessage(
@@ -103,7 +130,7 @@ def _message(form: Mapping[str, str]) -> TwMessage:
         to=to.removeprefix(_WHATSAPP_PREFIX),
         provider_message_id=message_sid,
         type=kind,
-        text=_text(form, kind),
+        text=text,
         payload=payload,
     )
 
@@ -149,17 +176,18 @@ def _kind(form: Mapping[str, str], media: list[dict[str, str]]) -> str:
     return main_type if main_type in _MEDIA_KINDS else "document"
 
 
-def _text(form: Mapping[str, str], kind: str) -> str | None:
+def _text(form: Mapping[str, str], kind: str) -> tuple[str | None, str | None]:
+    """(the text, the param it was copied from, which the payload then leaves out)."""
     body = form.get("Body", "")
     if kind == "button":
-        return form["ButtonText"]
+        return form["ButtonText"], "ButtonText"
     if body or kind == "text":
-        return body
+        return body, "Body" if "Body" in form else None
     if kind == "location":
         # Same rule as the WhatsApp Cloud parser: the place's name/address, else the coordinates.
         named = [v for v in (form.get("Label"), form.get("Address")) if v]
-        return ", ".join(named) if named else f"{form['Latitude']},{form['Longitude']}"
-    return None
+        return (", ".join(named) if named else f"{form['Latitude']},{form['Longitude']}"), None
+    return None, None
 
 
 def _message_sid(form: Mapping[str, str]) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -29,8 +30,10 @@ class WaMessage:
     provider_message_id: str  # the wamid
     type: str  # Meta's type, kept as given even when we do not know it
     text: str | None  # the human-readable part, when the type has one
-    payload: dict[str, Any]  # the raw message, plus "contact_profile" (contacts[].profile) when present
-    sent_at: datetime  # from message["timestamp"], UTC
+    # The raw message without the field `text` was read from (stored once, not twice), plus
+    # "contact_profile" (contacts[].profile) when present.
+    payload: dict[str, Any]
+    sent_at: datetime | None  # from message["timestamp"], UTC; None when past datetime's range
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class WaStatus:
     recipient_id: str
     provider_message_id: str
     status: str  # as given: Meta adds values (played, deleted, ...) over time
-    at: datetime
+    at: datetime | None  # None when past datetime's range
     errors: tuple[dict[str, Any], ...]
     payload: dict[str, Any]  # the raw status object
 
@@ -87,6 +90,32 @@ class WaBatch:
         return ids
 
 
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+_PHONE_KEY = b'"phone_number_id"'
+_PHONE_VALUE = re.compile(rb'[ \t\r\n]*:[ \t\r\n]*"([^"\\]{1,64})"')
+MAX_PHONE_NUMBER_IDS = 64
+
+
+def claimed_phone_number_ids(raw: bytes) -> set[str] | None:
+    """The phone_number_id values a raw body names, found without parsing it (None: too many).
+
+    Only to pick the app secret(s) that must have signed the body before anything parses it. It
+    may find an id that is not really a metadata.phone_number_id (a crafted key), never miss a
+    literal one; the caller checks after parsing that every id of the envelope was covered.
+    """
+    found: set[str] = set()
+    start = 0
+    while (at := raw.find(_PHONE_KEY, start)) >= 0:
+        start = at + len(_PHONE_KEY)
+        value = _PHONE_VALUE.match(raw, start)
+        if value is None:
+            continue  # the same characters as a string value (a user typing them), not a key
+        found.add(value.group(1).decode("utf-8", "replace"))
+        if len(found) > MAX_PHONE_NUMBER_IDS:
+            return None
+    return found
+
+
 class EnvelopeError(ValueError):
     """The envelope itself is malformed; the message names the exact path and what is wrong."""
 
@@ -100,12 +129,20 @@ def sign(app_secret: str, body: bytes) -> str:
     return _SIGNATURE_PREFIX + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def verify_signature(app_secret: str, body: bytes, header: str | None) -> None:
-    """Raise SignatureError unless the header is sha256=<hex HMAC-SHA256(app_secret, raw body)>."""
+def check_signature_header(header: str | None) -> None:
+    """Raise SignatureError unless the header has the shape sha256=<64 hex digits> (no HMAC yet)."""
     if not header:
         raise SignatureError(f"missing {SIGNATURE_HEADER} header")
     if not header.startswith(_SIGNATURE_PREFIX):
         raise SignatureError(f"{SIGNATURE_HEADER} must start with {_SIGNATURE_PREFIX}")
+    if not _HEX_DIGEST.fullmatch(header.removeprefix(_SIGNATURE_PREFIX).strip()):
+        raise SignatureError(f"{SIGNATURE_HEADER} must be {_SIGNATURE_PREFIX} and 64 hex digits")
+
+
+def verify_signature(app_secret: str, body: bytes, header: str | None) -> None:
+    """Raise SignatureError unless the header is sha256=<hex HMAC-SHA256(app_secret, raw body)>."""
+    check_signature_header(header)
+    assert header is not None
     # Lower-case so an upper-case hex digest still matches; encode because compare_digest
     # refuses non-ASCII str, and a forged header must fail as a mismatch, not as a TypeError.
     candidate = header.removeprefix(_SIGNATURE_PREFIX).strip().lower().encode("utf-8", "replace")
@@ -192,7 +229,8 @@ def _message(phone_number_id: str, item: object, profiles: dict[str, Any]) -> Wa
     contact_id = _item_str(item, "from")
     sent_at = _timestamp(item)
     kind = _item_str(item, "type")
-    payload = dict(item)  # a copy: the caller's decoded body is never mutated
+    text, text_path = _text(kind, item)
+    payload = _without(item, text_path)  # a copy: the caller's decoded body is never mutated
     profile = profiles.get(contact_id)
     if profile is not None:
         payload["contact_profile"] = profile
@@ -201,7 +239,7 @@ def _message(phone_number_id: str, item: object, profiles: dict[str, Any]) -> Wa
         contact_id=contact_id,
         provider_message_id=provider_message_id,
         type=kind,
-        text=_text(kind, item),
+        text=text,
         payload=payload,
         sent_at=sent_at,
     )
@@ -264,27 +302,53 @@ def _profiles(contacts: object, messages: list[Any]) -> dict[str, Any]:
     return found
 
 
-def _text(kind: str, message: dict[str, Any]) -> str | None:
-    """The human-readable part of a message, or None when its type has none."""
+def _text(kind: str, message: dict[str, Any]) -> tuple[str | None, tuple[str, ...]]:
+    """(the human-readable part of a message or None, the path of the field it was copied from).
+
+    The path is empty when the text is composed (location, contacts): those fields stay in the
+    payload, and the record size check bounds what repeating them costs.
+    """
     body = message.get(kind)
     obj = body if isinstance(body, dict) else {}
     if kind == "text" or kind == "system":
-        return _str_or_none(obj.get("body"))
+        return _copied(obj, kind, "body")
     if kind in _MEDIA_TYPES:
-        return _str_or_none(obj.get("caption"))
+        return _copied(obj, kind, "caption")
     if kind == "interactive":
-        reply = obj.get(obj.get("type")) if isinstance(obj.get("type"), str) else None
-        return _str_or_none(reply.get("title")) if isinstance(reply, dict) else None
+        sub = obj.get("type")
+        reply = obj.get(sub) if isinstance(sub, str) else None
+        return _copied(reply, kind, str(sub), "title") if isinstance(reply, dict) else (None, ())
     if kind == "button":
-        return _str_or_none(obj.get("text"))
+        return _copied(obj, kind, "text")
     if kind == "reaction":
         # A removed reaction arrives without "emoji".
-        return _str_or_none(obj.get("emoji"))
+        return _copied(obj, kind, "emoji")
     if kind == "location":
-        return _location_text(obj)
+        return _location_text(obj), ()
     if kind == "contacts":
-        return _contacts_text(body)
-    return None
+        return _contacts_text(body), ()
+    return None, ()
+
+
+def _copied(obj: dict[str, Any], *path: str) -> tuple[str | None, tuple[str, ...]]:
+    value = _str_or_none(obj.get(path[-1]))
+    return value, (path if value is not None else ())
+
+
+def _without(item: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of item without the field at path (copying only the objects along the path)."""
+    out = dict(item)
+    node = out
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            return out
+        copy = dict(child)
+        node[key] = copy
+        node = copy
+    if path:
+        node.pop(path[-1], None)
+    return out
 
 
 def _location_text(location: dict[str, Any]) -> str | None:
@@ -314,7 +378,7 @@ def _is_coordinate(value: object) -> bool:
     return isinstance(value, int | float | str) and not isinstance(value, bool)
 
 
-def _timestamp(item: dict[str, Any]) -> datetime:
+def _timestamp(item: dict[str, Any]) -> datetime | None:
     if "timestamp" not in item:
         raise _ItemError("timestamp is missing")
     raw = item["timestamp"]
@@ -325,8 +389,9 @@ def _timestamp(item: dict[str, Any]) -> datetime:
     try:
         # int() refuses digit strings past sys.get_int_max_str_digits; both land here.
         return datetime.fromtimestamp(int(raw), UTC)
-    except (OverflowError, OSError, ValueError) as exc:
-        raise _ItemError("timestamp is out of range") from exc
+    except (OverflowError, OSError, ValueError):
+        # A time, but not one a datetime holds: the caller falls back to the receipt time.
+        return None
 
 
 def _item_str(item: dict[str, Any], key: str) -> str:

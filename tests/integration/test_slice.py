@@ -41,7 +41,7 @@ async def test_signed_message_becomes_a_conversation_with_its_message(
 ) -> None:
     contact = "55119" + uuid.uuid4().hex[:8]
     status, body = await _post_webhook(http, deployment, channel, message("wamid-1", contact, "olá"))
-    assert status == 200 and body["accepted"] == f"generic:{channel.id}:wamid-1"
+    assert status == 200 and body["accepted"] == f"generic:{channel.id}:{contact}:wamid-1"
 
     convs = await wait_until(
         lambda: _conversations(http, deployment, contact=contact), 30, "the conversation row"
@@ -105,7 +105,7 @@ async def test_signature_and_input_failures_are_rejected_with_a_reason(
             assert (r.status, reason in body["error"]) == (want, True), (name, r.status, body)
 
     async with http.post(f"{deployment.base_url}/webhooks/generic/nope", data=raw, headers=headers) as r:
-        assert r.status == 404
+        assert r.status == 401  # like a wrong signature: channel ids cannot be probed
     big = message("big-1", "5511000", "x" * (1024 * 1024 + 10))
     big_raw, big_headers = channel.signed(big)
     async with http.post(url, data=io.BytesIO(big_raw), headers=big_headers) as r:
