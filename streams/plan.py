@@ -199,6 +199,7 @@ class Planner:
             (
                 conversation_id,
                 event.channel_id,
+                event.contact_id,
                 event.provider_message_id,
                 event.type,
                 event.text,

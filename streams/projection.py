@@ -108,15 +108,15 @@ WHERE c.id = u.id AND c.version = u.expected
 RETURNING c.id
 """
 _INSERT_MESSAGES = """
-INSERT INTO messages (conversation_id, channel_id, provider_message_id, direction, type, text,
-                      payload, status, sent_at)
-SELECT m.conversation_id, m.channel_id, m.provider_message_id, 'inbound', m.type, m.text,
-       m.payload::jsonb, 'received', m.sent_at
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::timestamptz[]) WITH ORDINALITY
-  AS m(conversation_id, channel_id, provider_message_id, type, text, payload, sent_at, n)
+INSERT INTO messages (conversation_id, channel_id, contact_id, provider_message_id, direction, type,
+                      text, payload, status, sent_at)
+SELECT m.conversation_id, m.channel_id, m.contact_id, m.provider_message_id, 'inbound', m.type,
+       m.text, m.payload::jsonb, 'received', m.sent_at
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::timestamptz[]) WITH ORDINALITY
+  AS m(conversation_id, channel_id, contact_id, provider_message_id, type, text, payload, sent_at, n)
 ORDER BY m.n
-ON CONFLICT (channel_id, direction, provider_message_id) DO NOTHING
+ON CONFLICT (channel_id, direction, contact_id, provider_message_id) DO NOTHING
 """
 _INSERT_EVENTS = """
 INSERT INTO conversation_events (conversation_id, event_id, kind, from_state, to_state, cause,
@@ -190,7 +190,7 @@ async def _write(conn: Conn, plan: Plan) -> None:
         if len(won) != len(plan.updates):
             raise StaleVersion(f"{len(plan.updates) - len(won)} conversation(s) changed under us")
     if plan.messages:
-        await conn.execute(_INSERT_MESSAGES, *_columns(plan.messages, 7))
+        await conn.execute(_INSERT_MESSAGES, *_columns(plan.messages, 8))
     if plan.audit:
         await conn.execute(_INSERT_EVENTS, *_columns(plan.audit, 9))
     if plan.outbound or plan.receipts:

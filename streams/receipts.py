@@ -19,13 +19,13 @@ from domain.delivery_status import DeliveryStatus, advance, from_provider
 from streams.records import OutboundMessage, StatusReceipt
 
 _INSERT_OUTBOUND = """
-INSERT INTO messages (conversation_id, channel_id, provider_message_id, direction, type, text,
-                      payload, status, sent_at)
-SELECT m.c, m.ch, m.p, 'outbound', m.t, m.x, m.j::jsonb, 'queued', m.s
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::timestamptz[]) WITH ORDINALITY AS m(c, ch, p, t, x, j, s, n)
+INSERT INTO messages (conversation_id, channel_id, contact_id, provider_message_id, direction, type,
+                      text, payload, status, sent_at)
+SELECT m.c, m.ch, m.k, m.p, 'outbound', m.t, m.x, m.j::jsonb, 'queued', m.s
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::timestamptz[]) WITH ORDINALITY AS m(c, ch, k, p, t, x, j, s, n)
 ORDER BY m.n
-ON CONFLICT (channel_id, direction, provider_message_id) DO NOTHING
+ON CONFLICT (channel_id, direction, contact_id, provider_message_id) DO NOTHING
 """
 _KNOWN = """
 SELECT m.channel_id, m.provider_message_id, m.status, m.status_at FROM messages m
@@ -70,6 +70,7 @@ async def apply_receipts(
         cols = [
             [m.conversation_id for m in outbound],
             [m.channel_id for m in outbound],
+            [m.contact_id for m in outbound],
             [m.provider_message_id for m in outbound],
             [m.type for m in outbound],
             [m.text for m in outbound],

@@ -428,6 +428,17 @@ async def test_two_senders_reusing_a_message_id_are_two_messages(
 
     await wait_until(both, 30, "a conversation for each sender")
 
+    async def two_messages() -> bool:
+        n = await db.fetchval(
+            "SELECT count(*) FROM messages WHERE channel_id = $1 AND provider_message_id = 'same-id'"
+            " AND contact_id = ANY($2::text[])",
+            channel.id,
+            [first, second],
+        )
+        return bool(n == 2)
+
+    await wait_until(two_messages, 30, "a message row for each sender")
+
 
 async def test_commands_with_an_idempotency_key_apply_once(
     http: aiohttp.ClientSession, deployment: Deployment, channel: GenericChannel, db: asyncpg.Connection

@@ -74,7 +74,7 @@ def test_updates_carry_the_version_they_were_read_at() -> None:
     plan = planner.finish()
     [(conv, read)] = plan.updates
     assert (read, conv.version) == (3, 6) and plan.inserts == []
-    assert [m[2] for m in plan.messages] == ["m0", "m1", "m2"]
+    assert [m[3] for m in plan.messages] == ["m0", "m1", "m2"]
 
 
 def test_a_command_for_a_conversation_that_is_not_current_is_only_recorded() -> None:
