@@ -28,21 +28,26 @@ async def generic_webhook(request: web.Request) -> web.Response:
     if channel is None or channel[0] != "generic":
         return error(404, f"no generic channel {channel_id!r}")
     now = datetime.now(UTC)
-    try:
-        verify_standard_webhook(
-            standard_webhook_key(channel[1]["secret"]),
-            msg_id=request.headers.get("webhook-id"),
-            timestamp=request.headers.get("webhook-timestamp"),
-            signature=request.headers.get("webhook-signature"),
-            body=body,
-            now=now,
-            tolerance=ctx.settings.webhook_tolerance,
-        )
-    except SignatureError as exc:
+    rejected = SignatureError("no active secret")
+    for secret in channel[1]["secrets"]:  # during a rotation, the new and the previous secrets
+        try:
+            verify_standard_webhook(
+                standard_webhook_key(secret),
+                msg_id=request.headers.get("webhook-id"),
+                timestamp=request.headers.get("webhook-timestamp"),
+                signature=request.headers.get("webhook-signature"),
+                body=body,
+                now=now,
+                tolerance=ctx.settings.webhook_tolerance,
+            )
+            break
+        except SignatureError as exc:
+            rejected = exc
+    else:
         log.warning(
-            "webhook rejected: channel=%s id=%s: %s", channel_id, request.headers.get("webhook-id"), exc
+            "webhook rejected: channel=%s id=%s: %s", channel_id, request.headers.get("webhook-id"), rejected
         )
-        return error(401, f"signature rejected: {exc}")
+        return error(401, f"signature rejected: {rejected}")
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
