@@ -81,11 +81,11 @@ def cmd_worker(settings: Settings) -> int:
     worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True)
     try:
         worker.execute_from_commandline()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-        if code == 0 and app._stopped.is_set():
-            log.info("worker stopped: Faust app stopped (offsets committed, producer flushed)")
-        return code
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise
+    if app._stopped.is_set():
+        log.info("worker stopped: Faust app stopped (offsets committed, producer flushed)")
     return 0
 
 
