@@ -1,4 +1,4 @@
-"""Admin API (bearer token): channels, conversations, messages, audit log, commands."""
+"""Admin API (bearer token): conversations, messages, audit log, commands."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from api import normalize
 from api.context import CONTEXT, error
 from api.ingress import KafkaUnavailable
 from domain.lifecycle import CloseReason
-from streams.records import CHANNEL_IN, AcceptCommand, CloseCommand, OutboundMessage, keyed
-from streams.store import DuplicateChannel, decode_cursor
+from streams.records import AcceptCommand, CloseCommand, OutboundMessage, keyed
+from streams.store import decode_cursor
 
 routes = web.RouteTableDef()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -88,30 +88,6 @@ def _conversation_id(request: web.Request) -> str | None:
         return str(uuid.UUID(request.match_info["id"]))
     except ValueError:
         return None
-
-
-@routes.post("/v1/channels")
-async def create_channel(request: web.Request) -> web.Response:
-    """Register a channel; its secret is stored and never shown again."""
-    body = await _body(request, CHANNEL_IN)
-    if isinstance(body, web.Response):
-        return body
-    ctx = request.app[CONTEXT]
-    try:
-        created = await ctx.store.create_channel(
-            body.id, body.provider, body.model_dump(exclude={"id", "provider"})
-        )
-    except DuplicateChannel as exc:
-        return error(409, str(exc))
-    return web.json_response(
-        {"id": body.id, "provider": body.provider, "created_at": created.isoformat()}, status=201
-    )
-
-
-@routes.get("/v1/channels")
-async def list_channels(request: web.Request) -> web.Response:
-    """Every channel, without secrets."""
-    return web.json_response({"items": await request.app[CONTEXT].store.channels()})
 
 
 @routes.get("/v1/conversations")

@@ -7,10 +7,11 @@ the raw body (a 4xx would only make the provider retry the same bytes forever).
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -37,14 +38,14 @@ async def whatsapp_verify(request: web.Request) -> web.Response:
     token = q.get("hub.verify_token", "")
     if q.get("hub.mode") != "subscribe" or not token or "hub.challenge" not in q:
         return error(400, "expected hub.mode=subscribe, hub.verify_token and hub.challenge")
-    found = await request.app[CONTEXT].store.channel_by("whatsapp", "verify_token", token)
-    if found is None or not hmac.compare_digest(found[1]["verify_token"].encode(), token.encode()):
+    found = await request.app[CONTEXT].channels.get_by("whatsapp", "verify_token", token)  # constant-time
+    if found is None:
         return error(403, "verify token does not match any WhatsApp channel")
     return web.Response(text=q["hub.challenge"], content_type="text/plain")
 
 
 def _wa_events(
-    channels: dict[str, tuple[str, str]], batch: whatsapp.WaBatch, now: datetime, raw: bytes
+    channels: dict[str, tuple[str, tuple[str, ...]]], batch: whatsapp.WaBatch, now: datetime, raw: bytes
 ) -> tuple[list[Event], list[DeadLetter]]:
     """The events of a verified body (each checked to fit in a record) and at most ONE letter.
 
@@ -132,14 +133,14 @@ async def _produce(ctx: Context, events: list[Event], letters: list[DeadLetter])
         await ctx.ingress.send_many(ctx.topics.dead_letters, parked)
 
 
-async def _whatsapp_channels(ctx: Context, ids: set[str]) -> dict[str, tuple[str, str]] | str:
-    """phone_number_id -> (channel id, app secret), or the reason one is unknown."""
-    found: dict[str, tuple[str, str]] = {}
+async def _whatsapp_channels(ctx: Context, ids: set[str]) -> dict[str, tuple[str, tuple[str, ...]]] | str:
+    """phone_number_id -> (channel id, active app secrets), or the reason one is unknown."""
+    found: dict[str, tuple[str, tuple[str, ...]]] = {}
     for pid in sorted(ids):
         channel = await ctx.channels.get_by("whatsapp", "phone_number_id", pid)
         if channel is None:
             return f"unknown phone_number_id {pid[:100]!r}"
-        found[pid] = (channel[0], channel[1]["app_secret"])
+        found[pid] = (channel[0], tuple(channel[1]["app_secrets"]))
     return found
 
 
@@ -156,6 +157,17 @@ def _read_envelope(raw: bytes) -> whatsapp.WaBatch:
 
 
 _REJECTED = "signature rejected"  # the one answer of every unverified WhatsApp request
+
+
+def _verify_any(verify: Callable[..., None], candidates: Sequence[str], *args: Any) -> None:
+    """verify(secret, *args) for each secret until one passes; the last SignatureError otherwise."""
+    rejected = SignatureError("no active secret")
+    for secret in candidates:
+        try:
+            return verify(secret, *args)
+        except SignatureError as exc:
+            rejected = exc
+    raise rejected
 
 
 @routes.post("/webhooks/whatsapp")
@@ -190,8 +202,8 @@ async def whatsapp_webhook(request: web.Request) -> web.Response:
         return error(401, _REJECTED)
     # One app signs the whole body; every phone number in it must belong to that app's secret.
     try:
-        for secret in {secret for _, secret in channels.values()}:
-            whatsapp.verify_signature(secret, raw, header)
+        for _, app_secrets in channels.values():  # any active secret (several during a rotation)
+            _verify_any(whatsapp.verify_signature, app_secrets, raw, header)
     except SignatureError as exc:
         log.warning("whatsapp webhook rejected for %s: %s", sorted(channels), exc)
         return error(401, _REJECTED)
@@ -259,10 +271,13 @@ async def twilio_webhook(request: web.Request) -> web.Response:
     account = form.get("AccountSid", "")
     channel = await ctx.channels.get_by("twilio", "account_sid", account) if account else None
     # An unknown account is checked against a token nobody has: it fails like a wrong signature.
-    channel_id, config = channel or ("", {"auth_token": _NOBODYS_TOKEN, "public_url": ""})
+    channel_id, config = channel or ("", {"auth_tokens": [_NOBODYS_TOKEN], "public_url": ""})
     try:
-        twilio.verify_signature(
-            config["auth_token"], config["public_url"], form, request.headers.get("X-Twilio-Signature")
+        _verify_any(  # any active auth token (several during a rotation)
+            lambda tok, *a: twilio.verify_signature(tok, config["public_url"], *a),
+            config["auth_tokens"],
+            form,
+            request.headers.get("X-Twilio-Signature"),
         )
     except SignatureError as exc:
         log.warning("twilio webhook rejected for account %r: %s", account[:64], exc)

@@ -51,33 +51,40 @@ async def generic_webhook(request: web.Request) -> web.Response:
     channel_id = request.match_info["channel_id"]
     body = await request.read()  # aiohttp answers 413 past client_max_size
     channel = await ctx.channels.get(channel_id)
-    key = _NOBODYS_KEY
+    keys: list[bytes] = []
     if channel is None or channel[0] != "generic":
         log.warning("webhook for unknown generic channel %r", channel_id[:100])
     else:
-        try:
-            key = standard_webhook_key(channel[1]["secret"])
-        except ValueError:
-            log.error("generic channel %s has an undecodable secret: re-register it", channel_id)
+        for secret in channel[1]["secrets"]:  # during a rotation, the new and the previous secrets
+            try:
+                keys.append(standard_webhook_key(secret))
+            except ValueError:
+                log.error("generic channel %s has an undecodable secret: rotate it", channel_id)
+    # An unknown channel is checked against nobody's key, so it fails exactly like a bad signature.
     now = datetime.now(UTC)
-    try:
-        verify_standard_webhook(
-            key,
-            msg_id=request.headers.get("webhook-id"),
-            timestamp=request.headers.get("webhook-timestamp"),
-            signature=request.headers.get("webhook-signature"),
-            body=body,
-            now=now,
-            tolerance=ctx.settings.webhook_tolerance,
-        )
-    except SignatureError as exc:
+    rejected = SignatureError("no active secret")
+    for key in keys or [_NOBODYS_KEY]:
+        try:
+            verify_standard_webhook(
+                key,
+                msg_id=request.headers.get("webhook-id"),
+                timestamp=request.headers.get("webhook-timestamp"),
+                signature=request.headers.get("webhook-signature"),
+                body=body,
+                now=now,
+                tolerance=ctx.settings.webhook_tolerance,
+            )
+            break
+        except SignatureError as exc:
+            rejected = exc
+    else:
         log.warning(
             "webhook rejected: channel=%s id=%s: %s",
             channel_id[:100],
             request.headers.get("webhook-id"),
-            exc,
+            rejected,
         )
-        return error(401, f"signature rejected: {exc}")
+        return error(401, f"signature rejected: {rejected}")
     try:
         parsed = normalize.load_json(body)
     except normalize.IngressError as exc:

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 
+from streams.channel_secrets import Sealer, SecretsKeyError
 from streams.settings import Settings
 
 log = logging.getLogger("parley")
@@ -55,6 +56,8 @@ def cmd_api(settings: Settings) -> int:
     if not settings.admin_token:
         log.error("PARLEY_ADMIN_TOKEN is not set; the admin API would be unusable")
         return 2
+    if not _sealer(settings):
+        return 2
     uvloop.install()
     web.run_app(
         create_app(settings), host=settings.http_host, port=settings.http_port, print=None, access_log=None
@@ -81,16 +84,46 @@ def cmd_worker(settings: Settings) -> int:
     except SystemExit as exit_:
         if exit_.code not in (0, None):
             raise
+    if app._stopped.is_set():
+        log.info("worker stopped: Faust app stopped (offsets committed, producer flushed)")
     # A worker stopped because its writer died must not look like a clean stop to its supervisor.
     return 1 if lifecycle.failure is not None else 0
 
 
-def _admin_token(settings: Settings) -> str:
-    path = settings.data_dir / "admin-token"
-    if not path.exists():
-        path.write_text(secrets.token_urlsafe(24))
-        path.chmod(0o600)
-    return path.read_text().strip()
+def _sealer(settings: Settings) -> Sealer | None:
+    try:
+        return Sealer(settings.secrets_key)
+    except SecretsKeyError as exc:
+        log.error("%s", exc)
+        return None
+
+
+def cmd_rotate_secrets(settings: Settings) -> int:
+    """Seal channel secrets still in clear and re-encrypt all under the first PARLEY_SECRETS_KEY."""
+    sealer = _sealer(settings)
+    if sealer is None:
+        return 2
+    from_clear, resealed = asyncio.run(_reseal(settings.database_url, sealer))
+    print(f"rotate-secrets: {from_clear} channel(s) sealed from clear, {resealed} re-encrypted", flush=True)
+    return 0
+
+
+async def _reseal(database_url: str, sealer: Sealer) -> tuple[int, int]:
+    from streams.schema import create_pool, migrate
+    from streams.store import Store
+
+    pool = await create_pool(database_url, 1)
+    try:
+        await migrate(pool)
+        return await Store(pool, sealer).reseal_channels()
+    finally:
+        await pool.close()
+
+
+def cmd_gen_secrets_key(settings: Settings) -> int:
+    """Print a new key for PARLEY_SECRETS_KEY."""
+    print(Sealer.generate_key())
+    return 0
 
 
 def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
@@ -110,13 +143,19 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) 
 
 
 def cmd_run(settings: Settings) -> int:
-    """Start broker, Postgres, worker and API on embedded defaults; Ctrl-C stops them all."""
-    from parley.localstack import KafkaBroker, LocalPostgres, die_with_parent, stop
+    """Start broker, Postgres, worker and API on embedded defaults; Ctrl-C stops them all.
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    The worker and the API run in their own sessions, so a terminal's Ctrl-C (SIGINT to the
+    foreground process group) reaches `parley run` alone, which then sends each child exactly one
+    SIGTERM and reports how each exited.
+    """
+    from parley.localstack import KafkaBroker, LocalPostgres, die_with_parent, redact_dsn, secret_file
+
+    data = settings.data_dir.resolve()
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
     env = dict(os.environ)
-    services: list[KafkaBroker | LocalPostgres] = []
-    children: list[subprocess.Popen[bytes]] = []
+    services: list[tuple[str, KafkaBroker | LocalPostgres]] = []
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -127,52 +166,87 @@ def cmd_run(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if not settings.database_url:
-            pg = LocalPostgres(settings.data_dir.resolve() / "postgres", settings.postgres_port)
+            pg = LocalPostgres(data / "postgres", settings.postgres_port)
             print(f"starting PostgreSQL on 127.0.0.1:{pg.port} ...", flush=True)
             pg.start()
-            services.append(pg)
+            services.append(("Postgres", pg))
             env["DATABASE_URL"] = pg.url
         if not settings.kafka_bootstrap_servers:
-            kafka = KafkaBroker(settings.data_dir.resolve() / "kafka", settings.kafka_port)
+            kafka = KafkaBroker(data / "kafka", settings.kafka_port)
             print(f"starting Kafka on {kafka.bootstrap} ...", flush=True)
             kafka.start()
-            services.append(kafka)
+            services.append(("Kafka", kafka))
             env["KAFKA_BOOTSTRAP_SERVERS"] = kafka.bootstrap
-        env.setdefault("PARLEY_ADMIN_TOKEN", settings.admin_token or _admin_token(settings))
+        if not settings.admin_token:
+            env["PARLEY_ADMIN_TOKEN"] = secret_file(data / "admin-token", lambda: secrets.token_urlsafe(24))
+        if not settings.secrets_key:
+            env["PARLEY_SECRETS_KEY"] = secret_file(data / "secrets-key", Sealer.generate_key)
         child_settings = Settings(
-            DATABASE_URL=env["DATABASE_URL"], KAFKA_BOOTSTRAP_SERVERS=env["KAFKA_BOOTSTRAP_SERVERS"]
+            DATABASE_URL=env["DATABASE_URL"],
+            KAFKA_BOOTSTRAP_SERVERS=env["KAFKA_BOOTSTRAP_SERVERS"],
+            secrets_key=env["PARLEY_SECRETS_KEY"],
         )
         asyncio.run(_prepare(child_settings))
+        sealer = _sealer(child_settings)
+        if sealer is None:
+            return 2
+        from_clear, _ = asyncio.run(_reseal(child_settings.database_url, sealer))
+        if from_clear:
+            print(f"sealed the secrets of {from_clear} channel(s) stored in clear", flush=True)
         exe = [sys.executable, "-m", "parley.cli"]
         for part in ("worker", "api"):
+            # start_new_session: the terminal's Ctrl-C is for us alone (we pass it on, once);
             # die_with_parent: even if `parley run` is killed -9, its children follow it.
-            children.append(subprocess.Popen([*exe, part], env=env, preexec_fn=die_with_parent))
+            proc = subprocess.Popen([*exe, part], env=env, start_new_session=True, preexec_fn=die_with_parent)
+            children.append((part, proc))
         base = f"http://{settings.http_host}:{settings.http_port}"
-        _wait_ready(f"{base}/readyz", children, timeout=120)
+        _wait_ready(f"{base}/readyz", [p for _, p in children], timeout=120)
         print(
             f"\nParley is ready.\n  dashboard:  {base}/#token={env['PARLEY_ADMIN_TOKEN']}\n"
             f"  admin API:  {base}/v1/conversations"
             f"  (Authorization: Bearer {env['PARLEY_ADMIN_TOKEN']})\n"
             f"  webhooks:   {base}/webhooks/generic/<channel_id>\n"
             f"  health:     {base}/healthz  {base}/readyz\n"
-            f"  Kafka:      {env['KAFKA_BOOTSTRAP_SERVERS']}\n  Postgres:   {env['DATABASE_URL']}\n"
+            f"  Kafka:      {env['KAFKA_BOOTSTRAP_SERVERS']}\n"
+            f"  Postgres:   {redact_dsn(env['DATABASE_URL'])}\n"
             "Ctrl-C stops everything.",
             flush=True,
         )
-        while all(c.poll() is None for c in children):
+        while all(c.poll() is None for _, c in children):
             time.sleep(0.5)  # supervising children: wake up to notice one died
         log.error("a child exited; stopping the stack")
         return 1
     except KeyboardInterrupt:
+        stopping = True
         print("\nstopping ...", flush=True)
         return 0
     finally:
-        for child in reversed(children):
-            stop(child, signal.SIGTERM)
-        for service in reversed(services):
+        # A second Ctrl-C while stopping must not cut the children's clean-up short.
+        signal.signal(signal.SIGINT, lambda *_: print("still stopping ...", flush=True))
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_children(children)
+        for name, service in reversed(services):
             service.stop()
+            if service.proc is not None:
+                print(f"{name} (pid {service.proc.pid}) exited with {service.proc.returncode}", flush=True)
         if stopping:
             print("stopped.", flush=True)
+
+
+def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]], timeout: float = 30) -> None:
+    """One SIGTERM to each child still running, all at once, then wait; kill what does not stop."""
+    for _, child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for name, child in children:
+        try:
+            code = child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            code = child.wait()
+            print(f"{name} (pid {child.pid}) did not stop within {timeout:.0f}s: killed", flush=True)
+        print(f"{name} (pid {child.pid}) exited with {code}", flush=True)
 
 
 def cmd_replay(settings: Settings, since: str | None, conversation: str | None) -> int:
@@ -194,7 +268,14 @@ def cmd_replay(settings: Settings, since: str | None, conversation: str | None) 
     return 0
 
 
-COMMANDS = {"run": cmd_run, "worker": cmd_worker, "api": cmd_api, "migrate": cmd_migrate}
+COMMANDS = {
+    "run": cmd_run,
+    "worker": cmd_worker,
+    "api": cmd_api,
+    "migrate": cmd_migrate,
+    "rotate-secrets": cmd_rotate_secrets,
+    "gen-secrets-key": cmd_gen_secrets_key,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("worker", help="run the Faust worker")
     sub.add_parser("api", help="serve webhooks, admin API and dashboard")
     sub.add_parser("migrate", help="apply SQL migrations and create topics")
+    sub.add_parser(
+        "rotate-secrets",
+        help="seal channel secrets stored in clear and re-encrypt all under the first PARLEY_SECRETS_KEY",
+    )
+    sub.add_parser("gen-secrets-key", help="print a new key for PARLEY_SECRETS_KEY")
     rp = sub.add_parser("replay", help="re-project Postgres from the retained topic")
     rp.add_argument("--since", help="ISO-8601 time with timezone; default: from the beginning")
     rp.add_argument("--conversation", help="rebuild only this conversation's thread")

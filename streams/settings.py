@@ -38,7 +38,7 @@ class Settings(BaseSettings):
 
     # External services. Empty means "start the embedded one" (only `parley run` does that).
     kafka_bootstrap_servers: str = Field("", validation_alias="KAFKA_BOOTSTRAP_SERVERS")
-    database_url: str = Field("", validation_alias="DATABASE_URL")
+    database_url: str = Field("", validation_alias="DATABASE_URL", repr=False)
 
     data_dir: Path = Path(".parley")
     kafka_port: int = 9092
@@ -52,7 +52,11 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = 8080
-    admin_token: str = ""
+    admin_token: str = Field("", repr=False)
+    # Comma-separated Fernet keys sealing channel secrets at rest: the first encrypts, all decrypt.
+    secrets_key: str = Field("", repr=False)
+    # How long a channel's previous secret stays valid after PATCH /v1/channels/{id} replaces it.
+    secret_rotation_grace: Duration = timedelta(hours=24)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     webhook_tolerance: Duration = timedelta(minutes=5)
 

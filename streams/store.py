@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import uuid
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import orjson
+
+from streams.channel_secrets import Channel, Sealer, SecretsKeyError, from_json, split, to_json
+
+_CHANNEL = "id, provider, config, sealed, created_at"
 
 
 class DuplicateChannel(Exception):
@@ -40,6 +46,16 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise ValueError("cursor is not valid") from exc
 
 
+def match_secret(channels: list[Channel], field: str, value: str, now: datetime) -> Channel | None:
+    """The channel one of whose active `field` secrets equals value (constant-time compares)."""
+    found = None
+    for ch in channels:
+        for secret in ch.secrets.get(field, ()):
+            if secret.active(now) and hmac.compare_digest(secret.value.encode(), value.encode()):
+                found = ch
+    return found
+
+
 def _jsonable(row: asyncpg.Record) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in row.items():
@@ -55,42 +71,122 @@ def _jsonable(row: asyncpg.Record) -> dict[str, Any]:
 class Store:
     """Queries over the authoritative state; the lifecycle agent writes through projection."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, sealer: Sealer | None = None) -> None:
         self.pool = pool
+        self.sealer = sealer
+
+    def _sealer(self) -> Sealer:
+        if self.sealer is None:
+            raise SecretsKeyError("channel secrets need PARLEY_SECRETS_KEY")
+        return self.sealer
+
+    def _channel(self, row: asyncpg.Record) -> Channel:
+        public, secrets = split(row["provider"], row["config"])  # rows from before sealing
+        if row["sealed"] is not None:
+            secrets = from_json(self._sealer().open(row["sealed"]))
+        return Channel(row["id"], row["provider"], row["created_at"], public, secrets)
+
+    def _row(self, channel: Channel) -> tuple[dict[str, Any], str]:
+        return channel.public, self._sealer().seal(to_json(channel.secrets))
 
     async def create_channel(self, channel_id: str, provider: str, config: dict[str, Any]) -> datetime:
-        """Register a channel; raises DuplicateChannel if the id is taken."""
+        """Register a channel, secrets sealed; raises DuplicateChannel if the id is taken."""
+        public, secrets = split(provider, config)
+        sealed = self._sealer().seal(to_json(secrets))
         try:
             created: datetime = await self.pool.fetchval(
-                "INSERT INTO channels (id, provider, config) VALUES ($1, $2, $3) RETURNING created_at",
+                "INSERT INTO channels (id, provider, config, sealed) VALUES ($1, $2, $3, $4)"
+                " RETURNING created_at",
                 channel_id,
                 provider,
-                config,
+                public,
+                sealed,
             )
         except asyncpg.UniqueViolationError as exc:
             what = "phone_number_id or account_sid" if "config" in str(exc.detail or "") else "id"
             raise DuplicateChannel(f"a channel with this {what} exists ({channel_id})") from exc
         return created
 
-    async def channel(self, channel_id: str) -> tuple[str, dict[str, Any]] | None:
-        """(provider, config) of a channel, or None."""
-        row = await self.pool.fetchrow("SELECT provider, config FROM channels WHERE id = $1", channel_id)
-        return (row["provider"], row["config"]) if row else None
+    async def channel_record(self, channel_id: str) -> Channel | None:
+        """A channel with its secrets opened, or None."""
+        row = await self.pool.fetchrow(f"SELECT {_CHANNEL} FROM channels WHERE id = $1", channel_id)
+        return self._channel(row) if row else None
 
-    async def channel_by(self, provider: str, field: str, value: str) -> tuple[str, dict[str, Any]] | None:
-        """(channel id, config) of the channel whose config[field] == value, or None."""
-        assert field in {"phone_number_id", "account_sid", "verify_token"}  # never user input
+    async def channel_record_by(self, provider: str, field: str, value: str) -> Channel | None:
+        """The channel whose clear config[field] == value (phone_number_id, account_sid), or None."""
+        assert field in {"phone_number_id", "account_sid"}  # never user input
         row = await self.pool.fetchrow(
-            f"SELECT id, config FROM channels WHERE provider = $1 AND config->>'{field}' = $2",
+            f"SELECT {_CHANNEL} FROM channels WHERE provider = $1 AND config->>'{field}' = $2",
             provider,
             value,
         )
-        return (row["id"], row["config"]) if row else None
+        return self._channel(row) if row else None
+
+    async def provider_channels(self, provider: str) -> list[Channel]:
+        """Every channel of a provider (WhatsApp's verify tokens are matched over them)."""
+        rows = await self.pool.fetch(f"SELECT {_CHANNEL} FROM channels WHERE provider = $1", provider)
+        return [self._channel(r) for r in rows]
+
+    async def channel(self, channel_id: str) -> tuple[str, dict[str, Any]] | None:
+        """(provider, config) of a channel, or None."""
+        found = await self.channel_record(channel_id)
+        return (found.provider, found.config(datetime.now(UTC))) if found else None
+
+    async def channel_by(self, provider: str, field: str, value: str) -> tuple[str, dict[str, Any]] | None:
+        """(channel id, config) of the channel whose config[field] == value, or None.
+
+        verify_token is sealed: it is compared (constant time) over the provider's channels.
+        """
+        now = datetime.now(UTC)
+        if field == "verify_token":
+            found = match_secret(await self.provider_channels(provider), field, value, now)
+        else:
+            found = await self.channel_record_by(provider, field, value)
+        return (found.id, found.config(now)) if found else None
 
     async def channels(self) -> list[dict[str, Any]]:
         """Every channel, without secrets."""
         rows = await self.pool.fetch("SELECT id, provider, created_at FROM channels ORDER BY id")
         return [_jsonable(r) for r in rows]
+
+    async def update_channel(self, channel_id: str, change: Callable[[Channel], Channel]) -> Channel | None:
+        """Apply change to a channel under a row lock and store it re-sealed; None if unknown."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(f"SELECT {_CHANNEL} FROM channels WHERE id = $1 FOR UPDATE", channel_id)
+            if row is None:
+                return None
+            changed = change(self._channel(row))
+            public, sealed = self._row(changed)
+            await conn.execute(
+                "UPDATE channels SET config = $2, sealed = $3, updated_at = now() WHERE id = $1",
+                channel_id,
+                public,
+                sealed,
+            )
+        return changed
+
+    async def delete_channel(self, channel_id: str) -> bool:
+        """Remove a channel; False if there was none. Its conversations stay."""
+        deleted = await self.pool.fetchval("DELETE FROM channels WHERE id = $1 RETURNING id", channel_id)
+        return deleted is not None
+
+    async def reseal_channels(self) -> tuple[int, int]:
+        """Seal rows still in clear and re-encrypt every sealed row under the first key, in one
+        transaction; returns (sealed from clear, re-encrypted)."""
+        sealer = self._sealer()
+        from_clear = resealed = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            for row in await conn.fetch(f"SELECT {_CHANNEL} FROM channels ORDER BY id FOR UPDATE"):
+                if row["sealed"] is None:
+                    public, sealed = self._row(self._channel(row))
+                    from_clear += 1
+                else:
+                    public, sealed = row["config"], sealer.reseal(row["sealed"])
+                    resealed += 1
+                await conn.execute(
+                    "UPDATE channels SET config = $2, sealed = $3 WHERE id = $1", row["id"], public, sealed
+                )
+        return from_clear, resealed
 
     async def conversations(
         self,

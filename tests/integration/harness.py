@@ -25,6 +25,7 @@ import asyncpg
 
 from api.signatures import sign_standard_webhook
 from parley.localstack import ROOT, KafkaBroker, LocalPostgres, die_with_parent, free_port, stop
+from streams.channel_secrets import Sealer
 
 T = TypeVar("T")
 
@@ -90,6 +91,7 @@ class Deployment:
     http_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    secrets_key: str = field(default_factory=Sealer.generate_key)
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: Path = field(default_factory=lambda: Path(os.environ["PARLEY_TEST_LOGS"]))
@@ -115,6 +117,7 @@ class Deployment:
             "PARLEY_HTTP_PORT": str(self.http_port),
             "PARLEY_WORKER_METRICS_PORT": str(self.metrics_port),
             "PARLEY_ADMIN_TOKEN": self.admin_token,
+            "PARLEY_SECRETS_KEY": self.secrets_key,
             "PARLEY_DATA_DIR": str(self.logs / self.name),
             "PARLEY_LOG_LEVEL": "WARNING",
             **self.extra_env,

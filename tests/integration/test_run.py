@@ -1,23 +1,29 @@
 """`parley run`: the whole local stack from one command; Ctrl-C leaves nothing behind; a second
-run finds the first run's data."""
+run finds the first run's data; secrets on disk are 0600 and never printed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
+import re
 import signal
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from parley.localstack import ROOT, free_port
 
 
-def _start(data: Path, ports: dict[str, int]) -> tuple[subprocess.Popen[str], str]:
+def _start(data: Path, ports: dict[str, int], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     env = {k: v for k, v in os.environ.items() if k not in {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"}}
     env.update(
         {
@@ -26,50 +32,69 @@ def _start(data: Path, ports: dict[str, int]) -> tuple[subprocess.Popen[str], st
             "PARLEY_POSTGRES_PORT": str(ports["pg"]),
             "PARLEY_HTTP_PORT": str(ports["http"]),
             "PARLEY_WORKER_METRICS_PORT": str(ports["metrics"]),
-            "PARLEY_LOG_LEVEL": "WARNING",
+            # INFO: the children's shutdown lines are part of what is checked.
+            "PARLEY_LOG_LEVEL": "INFO",
         }
     )
     env.pop("PARLEY_ADMIN_TOKEN", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "parley.cli", "run"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    out = ""
+    env.pop("PARLEY_SECRETS_KEY", None)
+    with log.open("wb") as out:
+        # Its own session and process group, like a shell's foreground job: Ctrl-C reaches the group.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "parley.cli", "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 180
-    assert proc.stdout is not None
-    while "Ctrl-C stops everything." not in out:  # reading the child's output as it comes
-        line = proc.stdout.readline()
-        assert line or proc.poll() is None, f"parley run exited early:\n{out}"
-        assert time.monotonic() < deadline, f"parley run not ready in time:\n{out}"
-        out += line
-    return proc, out
+    while "Ctrl-C stops everything." not in (out_text := log.read_text(errors="replace")):
+        assert proc.poll() is None, f"parley run exited early:\n{out_text[-5000:]}"
+        assert time.monotonic() < deadline, f"parley run not ready in time:\n{out_text[-5000:]}"
+        time.sleep(0.2)  # polling the child's output file as it grows
+    return proc, out_text
+
+
+def _effective_access(path: Path) -> dict[str, Any]:
+    """Who besides the owner may do what in path: POSIX ACL entries if any, else the mode bits."""
+    mode = path.stat().st_mode
+    users: dict[int, int] = {}
+    group = (mode >> 3) & 7
+    with contextlib.suppress(OSError):  # no ACL: the mode says it all
+        raw = os.getxattr(path, "system.posix_acl_access")
+        entries = [struct.unpack_from("<HHI", raw, 4 + 8 * i) for i in range((len(raw) - 4) // 8)]
+        users = {e_id: perm for tag, perm, e_id in entries if tag == 0x02}
+        group = next(perm for tag, perm, _ in entries if tag == 0x04)
+    return {"others": mode & 7, "group": group, "users": users}
+
+
+def _only_parley(path: Path) -> dict[int, int]:
+    # As root, Postgres runs as `parley`, which may traverse (x, nothing else); otherwise nobody.
+    return {pwd.getpwnam("parley").pw_uid: 1} if os.geteuid() == 0 else {}
 
 
 def _descendants_alive(pids: list[int]) -> list[int]:
     return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
-def _stop(proc: subprocess.Popen[str]) -> list[int]:
+def _ctrl_c(proc: subprocess.Popen[bytes], log: Path) -> tuple[list[int], str]:
+    """SIGINT to the whole foreground process group, as a terminal's Ctrl-C does."""
     children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     assert len(children) >= 4, "broker, Postgres, worker and API run as children"
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    assert proc.wait(timeout=90) == 0
-    if proc.stdout:
-        proc.stdout.close()
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=90) == 0, log.read_text(errors="replace")[-5000:]
     deadline = time.monotonic() + 30
     while _descendants_alive(children) and time.monotonic() < deadline:
         time.sleep(0.2)  # processes exit asynchronously; poll the process table
-    return _descendants_alive(children)
+    return _descendants_alive(children), log.read_text(errors="replace")
 
 
 def test_run_starts_everything_and_ctrl_c_leaves_nothing_behind() -> None:
-    data = Path(tempfile.mkdtemp(prefix="parley-run-"))
+    data = Path(tempfile.mkdtemp(prefix="parley-run-")) / "data"
     ports = {name: free_port() for name in ("kafka", "pg", "http", "metrics")}
-    proc, out = _start(data, ports)
+    log = data.parent / "run.log"
+    proc, out = _start(data, ports, log)
     try:
         base = f"http://127.0.0.1:{ports['http']}"
         assert f"{base}/" in out and "Bearer " in out
@@ -85,10 +110,25 @@ def test_run_starts_everything_and_ctrl_c_leaves_nothing_behind() -> None:
         with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
             assert r.status == 201
     finally:
-        left = _stop(proc)
+        left, out = _ctrl_c(proc, log)
     assert left == [], f"processes left behind: {left}"
+    # Every Parley child got one signal, cleaned up and exited 0; `parley run` says so.
+    assert re.search(r"worker \(pid \d+\) exited with 0", out), out[-5000:]
+    assert re.search(r"api \(pid \d+\) exited with 0", out), out[-5000:]
+    assert "api stopped: Kafka producer flushed and closed" in out, out[-5000:]
+    assert "worker stopped: Faust app stopped" in out, out[-5000:]
+    assert "Traceback" not in out, out[-5000:]
 
-    proc, _ = _start(data, ports)  # a second run finds yesterday's data
+    # Secrets on disk are 0600, and the Postgres password is never printed (masked in the banner).
+    password = (data / "postgres" / "password").read_text().strip()
+    for secret_file in (data / "admin-token", data / "secrets-key", data / "postgres" / "password"):
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600, secret_file
+    assert password and password not in out
+    assert re.search(r"Postgres:\s+postgresql://postgres:\*\*\*@127\.0\.0\.1:", out), out[-5000:]
+    # The data dir's parent (0700 from mkdtemp) was not opened up: at most `parley` may traverse it.
+    assert _effective_access(data.parent) == {"others": 0, "group": 0, "users": _only_parley(data.parent)}
+
+    proc, _ = _start(data, ports, log)  # a second run finds yesterday's data
     try:
         req = urllib.request.Request(
             f"http://127.0.0.1:{ports['http']}/v1/channels",
@@ -97,4 +137,5 @@ def test_run_starts_everything_and_ctrl_c_leaves_nothing_behind() -> None:
         with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
             assert b'"kept"' in r.read()
     finally:
-        assert _stop(proc) == []
+        left, _ = _ctrl_c(proc, log)
+    assert left == []

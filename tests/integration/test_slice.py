@@ -181,7 +181,7 @@ async def test_health_and_readiness(http: aiohttp.ClientSession, deployment: Dep
     async with http.get(f"{deployment.base_url}/readyz") as r:
         body = await r.json()
         assert r.status == 200 and body["checks"]["postgres"] == "ok", body
-        assert body["checks"]["worker"].startswith("Stable")
+        assert body["checks"]["worker"] == "ok"  # coarse names only: the detail is in the log
     async with http.get(f"{deployment.base_url}/readyz", params={"worker": "false"}) as r:
         body = await r.json()
         assert r.status == 200 and "worker" not in body["checks"] and body["checks"]["kafka"] == "ok"
