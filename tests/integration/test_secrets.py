@@ -146,7 +146,7 @@ async def test_a_rotation_through_one_api_is_seen_at_once_by_another(
     # The second process has the channels cached (and an unknown id cached as unknown).
     unknown = GenericChannel("later-" + uuid.uuid4().hex[:8])
     assert await _generic(http, second_api, gen) == 200
-    assert await _generic(http, second_api, unknown) == 404
+    assert await _generic(http, second_api, unknown) == 401  # unknown: like a bad signature
     assert await _whatsapp(http, second_api, wa, wa.app_secret) == 200
     assert await _twilio(http, second_api, tw, tw.auth_token) == 200
 
@@ -212,7 +212,7 @@ async def test_a_rotation_through_one_api_is_seen_at_once_by_another(
     # Deleted through the first: gone for the second.
     status, _ = await _admin(http, deployment, "DELETE", f"/v1/channels/{gen.id}")
     assert status == 204
-    assert await _generic(http, second_api, new) == 404
+    assert await _generic(http, second_api, new) == 401  # deleted: unknown from then on
     assert (await _admin(http, deployment, "DELETE", f"/v1/channels/{gen.id}"))[0] == 404
 
 

@@ -112,7 +112,7 @@ async def test_sweep_refires_a_lost_timer_and_counts_it(
         conv_id = str(uuid.uuid4())
         await db.execute(
             "INSERT INTO conversations (id, channel_id, contact_id, state, version, opened_at, updated_at,"
-            " deadline_at) VALUES ($1, $2, $3, 'idle', 1, $4, $4, $5)",
+            " deadline_at, thread_seq) VALUES ($1, $2, $3, 'idle', 1, $4, $4, $5, 1)",
             conv_id,
             channel.id,
             t.contact_id,
