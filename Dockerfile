@@ -19,6 +19,7 @@ WORKDIR /src
 # Only what `pip install .` needs: the project file and the packages it lists.
 COPY pyproject.toml ./
 COPY domain ./domain
+COPY channels ./channels
 COPY streams ./streams
 COPY agents ./agents
 COPY api ./api

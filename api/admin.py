@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from api import normalize
 from api.context import CONTEXT, error
 from api.ingress import KafkaUnavailable
+from channels import normalize
 from domain.lifecycle import CloseReason
 from streams.records import AcceptCommand, CloseCommand, OutboundMessage, keyed
 from streams.store import decode_cursor

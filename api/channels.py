@@ -16,8 +16,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from api.context import CONTEXT, error
+from channels.config import CHANNEL_IN
 from streams.channel_secrets import SECRET_FIELDS, rotate
-from streams.records import CHANNEL_IN
 from streams.store import DuplicateChannel
 
 routes = web.RouteTableDef()

@@ -16,12 +16,11 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from api import normalize
 from api.context import CONTEXT, Context, error
 from api.deadletters import REDRIVERS
 from api.ingress import KafkaUnavailable
-from api.providers import twilio, whatsapp
-from api.signatures import SignatureError
+from channels import normalize, twilio, whatsapp
+from channels.signatures import SignatureError
 from streams.records import DeadLetter, InboundMessage, StatusReceipt, keyed
 
 log = logging.getLogger(__name__)

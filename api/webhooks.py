@@ -10,11 +10,12 @@ from urllib.parse import quote
 from aiohttp import web
 from pydantic import ValidationError
 
-from api import normalize
 from api.context import CONTEXT, error
 from api.ingress import KafkaUnavailable
-from api.signatures import SignatureError, standard_webhook_key, verify_standard_webhook
-from streams.records import GenericWebhook, InboundMessage, keyed
+from channels import normalize
+from channels.config import GenericWebhook
+from channels.signatures import SignatureError, standard_webhook_key, verify_standard_webhook
+from streams.records import InboundMessage, keyed
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()

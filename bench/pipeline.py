@@ -13,7 +13,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from api.providers import whatsapp
+from channels import whatsapp
 from streams.records import InboundMessage
 from streams.topics import Topics, thread_key
 from tests.integration.harness import Deployment, GenericChannel, message, wait_until

@@ -6,9 +6,8 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
-from api.signatures import standard_webhook_key
 from domain.lifecycle import CloseReason
 from streams.topics import thread_key
 
@@ -190,69 +189,3 @@ class DeadLetter(Record):
             value_bytes=len(raw),
             truncated=len(text) > LETTER_VALUE_CHARS or len(raw) > LETTER_VALUE_CHARS * 4 + 4,
         )
-
-
-# --- HTTP bodies -------------------------------------------------------------------------
-
-
-class GenericWebhook(Record):
-    """The generic channel's inbound message body."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    message_id: str = Field(min_length=1, max_length=256)
-    from_: str = Field(alias="from", min_length=1, max_length=256)
-    text: str = Field(max_length=65536)
-    timestamp: AwareDatetime | int
-
-
-ChannelId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-
-
-def _decodable_secret(secret: str) -> str:
-    # The webhook route decodes the secret with this same function: registering a secret it
-    # cannot decode would make every webhook of the channel fail.
-    standard_webhook_key(secret)
-    return secret
-
-
-class GenericChannelIn(Record):
-    """A generic JSON channel signed per Standard Webhooks."""
-
-    id: ChannelId
-    provider: Literal["generic"]
-    secret: Annotated[
-        str, Field(pattern=r"^whsec_[A-Za-z0-9+/=]{16,}$", max_length=1024), AfterValidator(_decodable_secret)
-    ]
-
-
-class WhatsAppChannelIn(Record):
-    """A WhatsApp Cloud API phone number."""
-
-    id: ChannelId
-    provider: Literal["whatsapp"]
-    phone_number_id: str = Field(pattern=r"^[0-9]{1,32}$")
-    app_secret: str = Field(min_length=8, max_length=256)
-    verify_token: str = Field(min_length=8, max_length=256)
-
-
-class TwilioChannelIn(Record):
-    """A Twilio account (Programmable Messaging: WhatsApp or SMS)."""
-
-    id: ChannelId
-    provider: Literal["twilio"]
-    account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$")
-    auth_token: str = Field(min_length=16, max_length=256)
-    public_url: str = Field(pattern=r"^https?://", max_length=2048)
-
-
-ChannelIn = Annotated[GenericChannelIn | WhatsAppChannelIn | TwilioChannelIn, Field(discriminator="provider")]
-CHANNEL_IN: TypeAdapter[ChannelIn] = TypeAdapter(ChannelIn)
-
-
-class ChannelOut(Record):
-    """A channel as the API shows it: never with its secret."""
-
-    id: str
-    provider: str
-    created_at: datetime

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import aiohttp
 import asyncpg
 
-from api.signatures import sign_standard_webhook
+from channels.signatures import sign_standard_webhook
 from parley.localstack import ROOT, KafkaBroker, LocalPostgres, die_with_parent, free_port, stop
 from streams.channel_secrets import Sealer
 

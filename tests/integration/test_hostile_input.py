@@ -17,9 +17,9 @@ import asyncpg
 import orjson
 import pytest
 
-from api.normalize import MAX_NESTING
-from api.providers import twilio, whatsapp
-from api.signatures import sign_standard_webhook
+from channels import twilio, whatsapp
+from channels.normalize import MAX_NESTING
+from channels.signatures import sign_standard_webhook
 from tests.integration.harness import Deployment, GenericChannel, message, wait_until
 
 YEAR_9999 = 253402300799  # 9999-12-31T23:59:59Z

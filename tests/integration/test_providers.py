@@ -16,7 +16,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from api.providers import twilio, whatsapp
+from channels import twilio, whatsapp
 from tests.integration.harness import Deployment, wait_until
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

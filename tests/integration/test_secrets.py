@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
-from api.providers import twilio, whatsapp
+from channels import twilio, whatsapp
 from parley.localstack import ROOT
 from streams.channel_secrets import Sealer
 from tests.integration.harness import Deployment, GenericChannel, message

@@ -11,13 +11,12 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from api import normalize
 from api.admin import bearer_token, command_event_id
-from api.providers import twilio
-from api.providers.whatsapp import claimed_phone_number_ids
-from api.signatures import SignatureError, standard_webhook_key
 from api.webhooks import generic_event_id
-from streams.records import CHANNEL_IN
+from channels import normalize, twilio
+from channels.config import CHANNEL_IN
+from channels.signatures import SignatureError, standard_webhook_key
+from channels.whatsapp import claimed_phone_number_ids
 from streams.store import decode_cursor
 
 NOW = datetime(2025, 6, 8, 12, 0, tzinfo=UTC)

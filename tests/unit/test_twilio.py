@@ -1,4 +1,4 @@
-"""Tests for api.providers.twilio: inbound messages, status callbacks, X-Twilio-Signature."""
+"""Tests for channels.twilio: inbound messages, status callbacks, X-Twilio-Signature."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.providers.twilio import (
+from channels.signatures import SignatureError
+from channels.twilio import (
     TwilioPayloadError,
     TwMessage,
     TwStatus,
@@ -17,7 +18,6 @@ from api.providers.twilio import (
     parse_form,
     verify_signature,
 )
-from api.signatures import SignatureError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "twilio"
 ACCOUNT = "AC3f9a1c0b7d2e4f6a8b9c0d1e2f3a4b5c"

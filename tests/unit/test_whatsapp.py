@@ -1,4 +1,4 @@
-"""Tests for api.providers.whatsapp: Meta Cloud API envelopes, per-item tolerance, signatures."""
+"""Tests for channels.whatsapp: Meta Cloud API envelopes, per-item tolerance, signatures."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.providers.whatsapp import (
+from channels.signatures import SignatureError
+from channels.whatsapp import (
     EnvelopeError,
     WaBatch,
     WaError,
@@ -24,7 +25,6 @@ from api.providers.whatsapp import (
     sign,
     verify_signature,
 )
-from api.signatures import SignatureError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "whatsapp"
 PHONE_NUMBER_ID = "106540352242922"

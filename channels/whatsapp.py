@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from api.signatures import SignatureError
+from channels.signatures import SignatureError
 
 OBJECT = "whatsapp_business_account"
 SIGNATURE_HEADER = "X-Hub-Signature-256"

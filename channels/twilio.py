@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from api.signatures import SignatureError
+from channels.signatures import SignatureError
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
 _WHATSAPP_PREFIX = "whatsapp:"

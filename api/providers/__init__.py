@@ -1,1 +1,0 @@
-"""Provider payload parsers and signature checks. Pure: no IO, no clock, stdlib only."""
