@@ -9,6 +9,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.transport.producer import ProducerBuffer
 
 from agents import deadletters
+from agents.ledger import LedgerPruner
 from agents.lifecycle import LifecycleAgent
 from agents.metrics import serve
 from agents.sweep import Sweep
@@ -67,10 +68,22 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     topics = Topics(settings.topic_prefix)
     lifecycle = LifecycleAgent(app, settings, topics)
     lifecycle.register()
-    deadletters.register(app, lifecycle.dead_letters, lifecycle.pool)
-    sweep = Sweep(lifecycle.pool, lifecycle.source, settings.sweep_interval)
+    deadletters.register(app, lifecycle.dead_letters, lifecycle.pool, settings.worker_retries)
+    lifecycle.timers.attach_postgres(lifecycle.pool)
+    sweep = Sweep(
+        lifecycle.pool,
+        lifecycle.source,
+        settings.sweep_interval,
+        app=app,
+        partitions=settings.topic_partitions,
+        max_refires=settings.sweep_max_refires,
+    )
+    pruner = LedgerPruner(
+        lifecycle.pool, settings.topic_retention, settings.ledger_prune_margin, settings.ledger_prune_interval
+    )
     app.task(lifecycle.timers.run)
     app.task(sweep.run)
+    app.task(pruner.run)
 
     async def metrics() -> None:
         def gauges() -> dict[str, float]:
@@ -78,13 +91,18 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
             return {
                 "parley_lifecycle_events_applied_total": lifecycle.applied,
                 "parley_lifecycle_dead_lettered_total": lifecycle.dead_lettered,
+                "parley_partitions_assigned": len(lifecycle.timers.owned()),
                 "parley_timers_active": len(lifecycle.timers.wheel),
                 "parley_timers_fired_total": lifecycle.timers.fired,
+                "parley_timers_repaired_total": lifecycle.timers.repaired,
+                "parley_timers_dropped_total": lifecycle.timers.dropped,
                 "parley_timer_lateness_p99_ms": lateness[int(0.99 * (len(lateness) - 1))],
                 "parley_sweep_runs_total": sweep.runs,
                 "parley_sweep_refired_total": sweep.refired_total,
                 "parley_lifecycle_parking_failures_total": lifecycle.parking_failures,
                 "parley_lifecycle_writer_up": 0 if lifecycle.failure else 1,
+                "parley_sweep_skipped_total": sweep.skipped_total,
+                "parley_ledger_pruned_total": pruner.pruned_total,
             }
 
         def health() -> str | None:

@@ -1,13 +1,23 @@
-"""Projects the dead-letter topic into Postgres so operators can list and re-drive letters."""
+"""Projects the dead-letter topic into Postgres so operators can list and re-drive letters.
+
+Acks are manual, as in the lifecycle agent: a letter is acked only once its row is written, so
+a shutdown or crash mid-retry leaves it to be projected again (the insert is idempotent on the
+letter's topic position). A batch that fails for its own reasons (not a transient Postgres
+problem) is retried letter by letter; a letter that still cannot be written gets a placeholder
+row carrying the raw letter and the error, so the projection moves on and the operator sees it
+(the letter itself stays in the topic, kept forever).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import asyncpg.exceptions._base as asyncpg_base
 import faust
 from pydantic import ValidationError
 
@@ -68,32 +78,95 @@ def _raw_row(event: Any) -> tuple[Any, ...]:
 
 
 def _ts(ms: float) -> Any:
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(ms, UTC)
 
 
-def register(app: faust.App, topic: faust.TopicT, pool: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
+def _placeholder(event: Any, exc: BaseException) -> tuple[Any, ...]:
+    """A row that always fits: the raw letter and why its own row could not be written."""
+    msg = event.message
+    raw = bytes(msg.value or b"").decode(errors="replace")
+    return (
+        msg.partition,
+        msg.offset,
+        "unknown",
+        -1,
+        -1,
+        _text(msg.key.decode(errors="replace")) if msg.key else None,
+        _text(raw),
+        _text(f"letter could not be projected ({type(exc).__name__}: {exc}); value is the raw letter"),
+        0,
+        datetime.now(UTC),
+    )
+
+
+def _transient(exc: BaseException) -> bool:
+    # asyncpg reports a value it cannot encode (say, an int out of int4 range) as a DataError
+    # that is also an InterfaceError, which is_transient counts as a connection problem.
+    return not isinstance(exc, asyncpg_base.DataError) and is_transient(exc)
+
+
+def register(
+    app: faust.App, topic: faust.TopicT, pool: Callable[[], Awaitable[asyncpg.Pool]], retries: int = 3
+) -> None:
     """Attach the dead-letter projection agent."""
 
     async def project(stream: faust.StreamT[bytes]) -> None:
-        take = stream.take_events  # type: ignore[attr-defined]  # on faust.Stream, not StreamT
-        async for batch in take(500, within=0.2):
-            await _write(batch, pool)
+        manual: Any = stream.noack()  # type: ignore[attr-defined]  # on faust.Stream, not StreamT
+        async for batch in manual.noack_take(500, within=0.2):  # events, never acked by Faust
+            await _write(batch, pool, retries)
+            for event in batch:
+                await manual.ack(event)  # only now: the letter's row is in Postgres
 
     app.agent(topic, name="dead_letters")(project)
 
 
-async def _write(batch: Sequence[Any], pool: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
-    rows = [_row(event) for event in batch]
+async def _insert(pool: Callable[[], Awaitable[asyncpg.Pool]], rows: Sequence[tuple[Any, ...]]) -> None:
     columns = [[row[i] for row in rows] for i in range(10)]
+    await (await pool()).execute(_INSERT, *columns)
+
+
+async def _attempt(
+    pool: Callable[[], Awaitable[asyncpg.Pool]], rows: Sequence[tuple[Any, ...]], retries: int
+) -> BaseException | None:
+    """Insert rows: transient failures retried without limit, others `retries` times; returns
+    the last non-transient error, or None once written."""
+    failures = 0
     delay = 0.1
-    while True:  # the letters are safe in Kafka; keep trying until Postgres takes them
+    while True:
         try:
-            await (await pool()).execute(_INSERT, *columns)
-            return
-        except Exception as exc:  # noqa: BLE001 - any failure: retry, never ack unwritten letters
-            level = logging.WARNING if is_transient(exc) else logging.ERROR
+            await _insert(pool, rows)
+            return None
+        except Exception as exc:  # noqa: BLE001 - classified below; nothing is acked meanwhile
+            if not _transient(exc):
+                failures += 1
+                if failures > retries:
+                    return exc
+            level = logging.WARNING if _transient(exc) else logging.ERROR
             log.log(level, "dead letters: projecting %d failed (%s); retrying", len(rows), exc)
             await asyncio.sleep(delay)  # backoff between retries
             delay = min(delay * 2, 10.0)
+
+
+async def _write(batch: Sequence[Any], pool: Callable[[], Awaitable[asyncpg.Pool]], retries: int) -> None:
+    rows: list[tuple[Any, ...]] = []
+    for event in batch:
+        try:
+            rows.append(_row(event))
+        except Exception as exc:  # noqa: BLE001 - an unreadable letter still gets its row
+            rows.append(_placeholder(event, exc))
+    if await _attempt(pool, rows, retries) is None:
+        return
+    for event, row in zip(batch, rows, strict=True):  # find the letter(s) that cannot be written
+        error = await _attempt(pool, [row], retries)
+        if error is None:
+            continue
+        log.error(
+            "dead letters: letter %d@%d cannot be projected (%s); storing a placeholder row",
+            event.message.partition,
+            event.message.offset,
+            error,
+        )
+        # If even this fails, Postgres itself is the problem (table gone, permissions): keep
+        # trying, never ack an unwritten letter.
+        while await _attempt(pool, [_placeholder(event, error)], 1_000_000) is not None:
+            pass

@@ -3,6 +3,20 @@
 It never closes anything itself: it puts a TimerFired event (same id as the timer's own) on
 the conversation's partition, and the lifecycle agent decides. A healthy system re-fires 0;
 a growing count means timers are being lost (a crashed worker, a lost changelog write).
+
+Each worker sweeps only the partitions it is assigned (filtered in Python by the thread key's
+partition), and only what cannot still be queued: a firing produced before the partition's
+consumer caught up is already on its way, so re-firing it would only grow a backlog. Per
+partition, with `committed` the consumer's committed offset and `end` the log end offset:
+
+- committed >= end now (no lag): every overdue row is lost for sure; re-fire them all;
+- committed >= the end offset recorded at the previous sweep (after its own firings): what was
+  in the log then has been applied, so rows overdue already then (deadline <= that sweep's
+  time - slack) are lost; re-fire those, newer ones may still be in the backlog;
+- otherwise the partition is still behind: skip it (counted and logged) until it catches up.
+
+So a lagging partition gets at most one sweep firing per overdue row per catch-up, from one
+worker, and a run re-fires at most `max_refires` (oldest deadlines first; the rest next run).
 """
 
 from __future__ import annotations
@@ -15,9 +29,11 @@ from typing import Any
 
 import asyncpg
 import faust
+from faust.types import TP
 
-from agents.timers import due_ms, fired_event
+from agents.timers import due_ms, fired_event, owned_partitions, partition_of
 from streams.records import keyed
+from streams.topics import thread_key
 
 log = logging.getLogger(__name__)
 
@@ -31,37 +47,84 @@ _FIRST_KEY = (datetime.min.replace(tzinfo=UTC), "00000000-0000-0000-0000-0000000
 
 
 class Sweep:
-    """Finds overdue conversations through the deadline index, in batches."""
+    """Finds overdue conversations of the owned partitions through the deadline index."""
 
     def __init__(
         self,
         pool: Callable[[], Awaitable[asyncpg.Pool]],
         source: faust.TopicT,
         interval: timedelta,
+        *,
+        app: faust.App,
+        partitions: int,
+        max_refires: int = 10_000,
         slack: timedelta = timedelta(seconds=2),
         batch: int = 1000,
     ) -> None:
         self.pool = pool
         self.source = source
-        self.interval = interval
+        self.interval = interval  # 0 or negative: disabled
+        self.app = app
+        self.partitions = partitions
+        self.max_refires = max_refires
         self.slack = slack  # the timer itself fires within ms; give it room before re-firing
         self.batch = batch
         self.refired_total = 0
+        self.skipped_total = 0  # overdue rows left alone because their partition lagged
         self.runs = 0
+        self._marks: dict[int, tuple[int, datetime]] = {}  # partition -> (end offset, when)
+
+    def owned(self) -> set[int]:
+        """Partitions of the conversation topic assigned to this worker now."""
+        return owned_partitions(self.app, self.source)
+
+    async def _offsets(self, owned: set[int]) -> dict[int, tuple[int, int]]:
+        """partition -> (committed, end) as this worker's consumer sees them."""
+        consumer = self.app.consumer
+        topic = self.source.get_topic_name()
+        tps = [TP(topic, p) for p in sorted(owned)]
+        ends = await consumer.highwaters(*tps)
+        # Faust keeps the offsets it committed (next offset to read) per partition; None = none yet.
+        committed: Any = getattr(consumer, "_committed_offset", {})
+        return {tp.partition: (committed.get(tp) or 0, ends.get(tp) or 0) for tp in tps}
 
     async def run_once(self, now: datetime | None = None) -> int:
-        """One sweep: re-fire every overdue timer; returns how many."""
+        """One sweep of the owned partitions; returns how many timers it re-fired."""
         now = now or datetime.now(UTC)
+        owned = self.owned()
+        if not owned:
+            log.info("sweep: no partitions assigned; nothing to do")
+            return 0
+        # Per owned partition, the newest deadline that cannot still be queued (see the docstring).
+        cutoffs: dict[int, datetime] = {}
+        lagging: list[int] = []
+        for p, (committed, end) in (await self._offsets(owned)).items():
+            mark = self._marks.get(p)
+            if committed >= end:
+                cutoffs[p] = now - self.slack
+            elif mark is not None and committed >= mark[0]:
+                cutoffs[p] = mark[1] - self.slack
+            else:
+                lagging.append(p)
         pool = await self.pool()
-        cutoff = now - self.slack
-        refired = 0
+        refired = skipped = 0
+        capped = False
         after: tuple[datetime, str] = _FIRST_KEY
-        while True:
-            rows = await pool.fetch(_OVERDUE, cutoff, self.batch, *after)
-            if not rows:
-                break
+        while not capped:
+            rows = await pool.fetch(_OVERDUE, now - self.slack, self.batch, *after)
             futures: list[Any] = []
             for r in rows:
+                key = thread_key(r["channel_id"], r["contact_id"])
+                p = partition_of(key, self.partitions)
+                if p not in owned:
+                    continue  # another worker's
+                cutoff = cutoffs.get(p)
+                if cutoff is None or r["deadline_at"] > cutoff:
+                    skipped += 1
+                    continue
+                if refired + len(futures) >= self.max_refires:
+                    capped = True
+                    break
                 record = fired_event(
                     r["channel_id"],
                     r["contact_id"],
@@ -71,21 +134,36 @@ class Sweep:
                     now,
                     source="sweep",
                 )
-                key, value = keyed(record)
-                futures.append(await self.source.send(key=key, value=value))
+                futures.append(await self.source.send(key=key, value=keyed(record)[1]))
             for fut in futures:
                 await fut
-            refired += len(rows)
-            after = (rows[-1]["deadline_at"], str(rows[-1]["id"]))
+            refired += len(futures)
             if len(rows) < self.batch:
                 break
+            after = (rows[-1]["deadline_at"], str(rows[-1]["id"]))
+        # The log end after our own firings: the next run re-fires only once they are consumed.
+        marked = datetime.now(UTC)
+        self._marks = {p: (end, marked) for p, (_, end) in (await self._offsets(owned)).items()}
         self.runs += 1
         self.refired_total += refired
-        log.info("sweep: re-fired %d overdue timers", refired)
+        self.skipped_total += skipped
+        log.info(
+            "sweep: re-fired %d overdue timers on partitions %s; %d overdue left for later (partitions"
+            " behind: %s)%s",
+            refired,
+            sorted(owned),
+            skipped,
+            sorted(lagging),
+            f"; cap of {self.max_refires} reached, the rest next run" if capped else "",
+        )
         return refired
 
     async def run(self) -> None:
-        """Sweep every interval, forever; a failed sweep is logged and tried next time."""
+        """Sweep every interval, forever (never, if the interval is 0); a failed sweep is logged
+        and tried next time."""
+        if self.interval <= timedelta(0):
+            log.info("sweep: disabled (PARLEY_SWEEP_INTERVAL=0)")
+            return
         while True:
             await asyncio.sleep(self.interval.total_seconds())  # the sweep's own period
             try:

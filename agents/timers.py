@@ -2,8 +2,10 @@
 
 The table is keyed by thread, like the conversation topic, and uses the producer's
 partitioner, so each timer's changelog partition is its conversation's partition. The wheel
-holds every timer of the partitions this worker owns and is rebuilt from the table after each
-rebalance/recovery. A due timer is not acted on here: it becomes a TimerFired event on its
+holds every timer of the partitions this worker owns, and only those: it is emptied of a
+partition's timers when the partition is revoked, and rebuilt after each rebalance/recovery from
+the table (minus the partitions that moved away) and from Postgres, which is the truth for
+deadlines (see reconcile). A due timer is not acted on here: it becomes a TimerFired event on its
 conversation's own partition, applied by the lifecycle agent in order with everything else.
 Firing twice is harmless: the event id is the timer's identity, so the ledger drops a repeat.
 """
@@ -16,16 +18,18 @@ import math
 import struct
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import asyncpg
 import faust
+from aiokafka.partitioner import murmur2
 
 from domain.lifecycle import CancelTimer, SetTimer
 from domain.timer_wheel import TimerWheel
 from streams.records import TimerFiredRecord
-from streams.topics import split_thread_key
+from streams.topics import split_thread_key, thread_key
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,28 @@ def fired_event(
     )
 
 
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition the producer's default partitioner (aiokafka, Java client) picks for a key."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def owned_partitions(app: faust.App, topic: faust.TopicT) -> set[int]:
+    """Partitions of `topic` assigned to this worker's consumer now (none before it started)."""
+    name = topic.get_topic_name()
+    try:
+        assignment = app.consumer.assignment()
+    except Exception:  # noqa: BLE001 - consumer not started yet: nothing is ours
+        return set()
+    return {tp.partition for tp in assignment if tp.topic == name}
+
+
+# Every open conversation with a deadline; filtered by partition in Python (no partition column).
+_OPEN_DEADLINES = """
+SELECT id, channel_id, contact_id, version, deadline_at FROM conversations
+WHERE state <> 'closed' AND deadline_at IS NOT NULL
+"""
+
+
 def pack(conversation_id: str, version: int, due: int) -> bytes:
     """Encode a table value."""
     return _VALUE.pack(uuid.UUID(conversation_id).bytes, version, due)
@@ -84,6 +110,7 @@ class Timers:
     def __init__(self, app: faust.App, source: faust.TopicT, partitions: int) -> None:
         self.app = app
         self.source = source
+        self.partitions = partitions
         self.table = app.Table(
             "timers",
             key_type=bytes,  # bytes -> the raw codec for the table and its changelog
@@ -93,25 +120,136 @@ class Timers:
             help="close deadline per conversation thread",
         )
         self.wheel: TimerWheel[bytes] = TimerWheel(int(time.time() * 1000))
+        self.pool: Callable[[], Awaitable[asyncpg.Pool]] | None = None  # set by attach_postgres
+        self.reconcile_timeout = 60.0
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._confirming: set[asyncio.Future[None]] = set()
+        self._touched: set[bytes] | None = None  # keys apply() changed while a reconcile reads
+        self._retry: asyncio.Task[None] | None = None
         self.fired = 0
+        self.repaired = 0  # timers put back from Postgres after an assignment
+        self.dropped = 0  # timers of partitions that moved to another worker
         self.lateness_ms: list[float] = []  # a bounded sample, for the metrics endpoint
         self.table.on_recover(self.rebuild)
+        app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]  # mode types it loosely
+
+    def attach_postgres(self, pool: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
+        """Where reconcile reads the deadlines from (the lifecycle agent's pool)."""
+        self.pool = pool
+
+    def owned(self) -> set[int]:
+        """Partitions of the conversation topic this worker is assigned now."""
+        return owned_partitions(self.app, self.source)
+
+    async def _on_revoked(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # Stop firing what another worker may own in a moment; the store keeps its entries until
+        # the new assignment is known (Faust does not re-read the changelog of a kept partition).
+        topic = self.source.get_topic_name()
+        revoked: Iterable[Any] = args[0] if args else kwargs.get("revoked", ())
+        gone = {tp.partition for tp in revoked if tp.topic == topic}
+        if gone:
+            self._reindex(lambda p: p not in gone)
+
+    def _reindex(self, keep: Callable[[int], bool]) -> None:
+        n = self.partitions
+        items = (
+            (key, unpack(value)[2]) for key, value in self.table.data.items() if keep(partition_of(key, n))
+        )
+        self.wheel = TimerWheel.build(items, int(time.time() * 1000))
+        self._wake.set()
 
     async def rebuild(self) -> None:
-        """Re-index every timer of the partitions we hold (after assignment or recovery)."""
+        """After assignment/recovery: keep only the owned partitions' timers, re-index them, and
+        put back from Postgres every deadline the table misses (Faust awaits this before it
+        resumes the partitions, so the lifecycle agent consumes only afterwards)."""
         started = time.perf_counter()
-        items = ((key, unpack(value)[2]) for key, value in self.table.items())
-        self.wheel = TimerWheel.build(items, int(time.time() * 1000))
+        owned = self.owned()
+        store = self.table.data
+        gone = [key for key in store if partition_of(key, self.partitions) not in owned]
+        for key in gone:
+            del store[key]  # memory only: the changelog belongs to the new owner now
+        self.dropped += len(gone)
+        self._reindex(lambda p: p in owned)
+        repaired: int | str = "not checked"
+        if self.pool is not None:
+            try:
+                repaired = await asyncio.wait_for(self.reconcile(), self.reconcile_timeout)
+            except Exception as exc:  # noqa: BLE001 - Postgres unreachable: retry in the background
+                log.warning("timers: reconcile with Postgres failed (%s); retrying in the background", exc)
+                self._retry_later()
         self._ready.set()
         self._wake.set()
         log.info(
-            "timers: index rebuilt with %d timers in %.0f ms",
+            "timers: index rebuilt for partitions %s with %d timers (%d of other partitions dropped,"
+            " %s put back from Postgres) in %.0f ms",
+            sorted(owned),
             len(self.wheel),
+            len(gone),
+            repaired,
             1000 * (time.perf_counter() - started),
         )
+
+    def _retry_later(self) -> None:
+        if self._retry is not None and not self._retry.done():
+            return
+
+        async def retry() -> None:
+            delay = 1.0
+            while True:
+                await asyncio.sleep(delay)  # backoff while Postgres is unreachable
+                try:
+                    n = await self.reconcile()
+                    log.info("timers: reconcile with Postgres done: %d put back", n)
+                    return
+                except Exception as exc:  # noqa: BLE001 - keep trying; the sweep covers meanwhile
+                    log.warning("timers: reconcile with Postgres failed again (%s)", exc)
+                    delay = min(delay * 2, 30.0)
+
+        self._retry = asyncio.ensure_future(retry())
+
+    async def reconcile(self) -> int:
+        """Put into the table and wheel every open deadline of an owned partition that the table
+        lacks or holds for another conversation or an older version; returns how many.
+
+        Postgres is the truth: a crash between a batch's commit and its timer writes leaves
+        deadlines only there (a redelivered batch is a ledger duplicate and derives nothing). A
+        key the lifecycle agent changes while this reads is left alone: the agent applies
+        effects after their commit, so its value is at least as new as the row read here.
+        """
+        assert self.pool is not None
+        pool = await self.pool()
+        owned = self.owned()
+        n = self.partitions
+        found: list[tuple[bytes, str, int, int]] = []
+        self._touched = set()
+        try:
+            async with pool.acquire() as conn, conn.transaction(readonly=True):
+                async for r in conn.cursor(_OPEN_DEADLINES, prefetch=5000):
+                    key = thread_key(r["channel_id"], r["contact_id"])
+                    if partition_of(key, n) in owned:
+                        found.append((key, str(r["id"]), r["version"], due_ms(r["deadline_at"])))
+            touched = self._touched
+        finally:
+            self._touched = None
+        owned &= self.owned()  # a rebalance meanwhile: touch only what is still ours
+        store = self.table.data
+        repaired = 0
+        for key, conversation_id, version, due in found:
+            if key in touched or partition_of(key, n) not in owned:
+                continue
+            old = store.get(key)
+            if old is not None:
+                old_id, old_version, _ = unpack(old)
+                if old_id == conversation_id and old_version >= version:
+                    continue
+            self.table[key] = pack(conversation_id, version, due)  # store + changelog
+            self.wheel.schedule(key, due)
+            repaired += 1
+        self.repaired += repaired
+        if repaired:
+            self._wake.set()
+        return repaired
 
     def apply(self, effects: Iterable[tuple[bytes, SetTimer | CancelTimer]]) -> None:
         """Carry out the timer effects of a committed batch: per thread only the last one counts.
@@ -127,6 +265,8 @@ class Timers:
         for key, effect in effects:
             last.pop(key, None)
             last[key] = effect
+        if self._touched is not None:
+            self._touched.update(last)
         earliest = self.wheel.next_due_ms()
         store = self.table.data
         for key, effect in last.items():

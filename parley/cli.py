@@ -249,17 +249,34 @@ def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]], timeout:
         print(f"{name} (pid {child.pid}) exited with {code}", flush=True)
 
 
-def cmd_replay(settings: Settings, since: str | None, conversation: str | None) -> int:
+def cmd_replay(settings: Settings, since: str | None, conversation: str | None, dry_run: bool = False) -> int:
     """Re-project Postgres from the retained topic (see streams/replay.py)."""
     from datetime import datetime
 
-    from streams.replay import replay
+    from streams.replay import ReplayRefused, replay
 
     start = datetime.fromisoformat(since) if since else None
     if start is not None and start.tzinfo is None:
         log.error("--since needs a timezone, e.g. 2026-11-22T10:00:00+00:00")
         return 2
-    result = asyncio.run(replay(settings, since=start, conversation_id=conversation))
+    try:
+        result = asyncio.run(replay(settings, since=start, conversation_id=conversation, dry_run=dry_run))
+    except (ReplayRefused, LookupError) as exc:
+        print(f"replay refused: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if conversation is not None:
+        verb = "would delete and rebuild" if dry_run else "deleted and rebuilt"
+        print(f"replay: {verb} {len(result.deleted)} conversations: {', '.join(result.deleted)}", flush=True)
+        print(
+            f"replay: kept {len(result.kept)} older conversations (opened before the retained log):"
+            f" {', '.join(result.kept) or '-'}",
+            flush=True,
+        )
+    if dry_run:
+        print(
+            f"replay: dry run, nothing changed; {result.reapplied:,} events would be re-applied", flush=True
+        )
+        return 0
     print(
         f"replay: {result.read:,} events read, {result.applied:,} applied, "
         f"{result.duplicates:,} already applied, {result.undecodable:,} undecodable (dead-lettered)",
@@ -294,11 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     rp = sub.add_parser("replay", help="re-project Postgres from the retained topic")
     rp.add_argument("--since", help="ISO-8601 time with timezone; default: from the beginning")
     rp.add_argument("--conversation", help="rebuild only this conversation's thread")
+    rp.add_argument("--dry-run", action="store_true", help="print what would be deleted and re-applied")
     args = parser.parse_args(argv)
     settings = Settings()
     _logging(settings)
     if args.command == "replay":
-        return cmd_replay(settings, args.since, args.conversation)
+        return cmd_replay(settings, args.since, args.conversation, args.dry_run)
     return COMMANDS[args.command](settings)
 
 

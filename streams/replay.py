@@ -2,8 +2,16 @@
 
 Reads the topic with a plain consumer (no group, nothing committed), from the beginning or from
 a timestamp, up to the end offsets seen at start, and applies it through the same projection
-the worker uses. Idempotent: events already applied are skipped by the ledger. For one
-conversation, the thread's rows and ledger entries are deleted first and its events re-applied.
+the worker uses. Idempotent: events already applied are skipped by the ledger.
+
+For one conversation (`--conversation`), only what the retained log can rebuild is deleted: the
+thread's conversations opened by events still in the topic (their ids are uuid5 of the opening
+event). Older ones, whose opening event is past retention, stay untouched with their rows, and
+so do the links to them (the first rebuilt conversation's previous_conversation_id points to the
+newest of them again, as the projection derives it). The thread's events are re-applied from
+the first rebuilt conversation's opening event on; events before it, or naming a kept
+conversation, keep their ledger entries (their effects are on rows that stay). A conversation
+that cannot be rebuilt is refused (ReplayRefused). `dry_run` reports without changing anything.
 Run it with the workers stopped, or on a fresh database: a running worker may apply the same
 events concurrently (harmless, but the counts then mean less).
 """
@@ -13,7 +21,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
@@ -22,7 +30,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
 from streams.projection import apply_batch
-from streams.records import CONVERSATION_EVENT, ConversationEvent
+from streams.records import CONVERSATION_EVENT, ConversationEvent, conversation_id_for
 from streams.schema import create_pool, migrate
 from streams.settings import Settings
 from streams.topics import Topics, thread_key
@@ -37,6 +45,13 @@ class ReplayResult:
     duplicates: int = 0
     undecodable: int = 0
     skipped_other_threads: int = 0
+    deleted: list[str] = field(default_factory=list)  # conversations rebuilt (--conversation)
+    kept: list[str] = field(default_factory=list)  # the thread's older conversations, untouched
+    reapplied: int = 0  # events whose ledger entries were cleared to be applied again
+
+
+class ReplayRefused(Exception):
+    """The requested rebuild would destroy what the retained log cannot rebuild."""
 
 
 Progress = Callable[[int, int], None]
@@ -67,6 +82,7 @@ async def replay(
     conversation_id: str | None = None,
     progress: Progress = print_progress,
     batch: int = 1000,
+    dry_run: bool = False,
 ) -> ReplayResult:
     """Re-apply the topic to Postgres; returns the counts."""
     topic = Topics(settings.topic_prefix).conversation_events
@@ -79,7 +95,8 @@ async def replay(
     )
     result = ReplayResult()
     try:
-        await migrate(pool)
+        if not dry_run:
+            await migrate(pool)
         await consumer.start()
         partitions = sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
         only_key: bytes | None = None
@@ -115,12 +132,17 @@ async def replay(
                         result.skipped_other_threads += 1
                         continue
                     try:
-                        events.append(CONVERSATION_EVENT.validate_json(record.value))
+                        event = CONVERSATION_EVENT.validate_json(record.value)
                     except ValidationError:
                         result.undecodable += 1  # it was dead-lettered when first consumed
+                        continue
+                    if dry_run and only_key is None:
+                        result.reapplied += 1  # a full dry run only counts
+                    else:
+                        events.append(event)
                 if records and records[-1].offset >= end[tp] - 1:
                     pending.discard(tp)
-            if conversation_id is not None:
+            if conversation_id is not None or dry_run:
                 continue  # one thread: collect everything first, then rebuild it at once
             await _apply(pool, events, settings, result)
             events.clear()
@@ -128,7 +150,7 @@ async def replay(
                 progress(result.read, total)
                 last_report = time.monotonic()
         if conversation_id is not None and only_key is not None:
-            await _rebuild_thread(pool, only_key, events, settings, result)
+            await _rebuild_thread(pool, only_key, conversation_id, events, settings, result, dry_run)
         progress(result.read, total)
         return result
     finally:
@@ -153,23 +175,47 @@ async def _apply(
 
 
 async def _rebuild_thread(
-    pool: asyncpg.Pool, key: bytes, events: list[ConversationEvent], settings: Settings, result: ReplayResult
+    pool: asyncpg.Pool,
+    key: bytes,
+    target: str,
+    events: list[ConversationEvent],
+    settings: Settings,
+    result: ReplayResult,
+    dry_run: bool,
 ) -> None:
     channel_id, _, contact_id = key.decode().partition("/")
     async with pool.acquire() as conn, conn.transaction():
-        ids = [
-            r["id"]
+        thread = [
+            str(r["id"])
             for r in await conn.fetch(
-                "SELECT id FROM conversations WHERE channel_id = $1 AND contact_id = $2",
+                "SELECT id FROM conversations WHERE channel_id = $1 AND contact_id = $2"
+                " ORDER BY opened_at, id FOR UPDATE",
                 channel_id,
                 contact_id,
             )
         ]
+        opened_by = {conversation_id_for(e.event_id): i for i, e in enumerate(events)}
+        rebuilt = [c for c in thread if c in opened_by]
+        result.deleted = rebuilt
+        result.kept = [c for c in thread if c not in opened_by]
+        if target not in opened_by:
+            raise ReplayRefused(
+                f"conversation {target} was opened by an event that is no longer in the topic (past"
+                f" PARLEY_TOPIC_RETENTION), so it cannot be rebuilt; nothing was changed"
+            )
+        first = min(opened_by[c] for c in rebuilt)
+        kept = set(result.kept)
+        # From the first rebuilt conversation's opening on; an event naming a kept conversation
+        # (a late command or timer for it) stays applied to the row that stays.
+        again = [e for e in events[first:] if getattr(e, "conversation_id", None) not in kept]
+        result.reapplied = len(again)
+        if dry_run:
+            return
         for sql in _DELETE_THREAD:
-            await conn.execute(sql, ids)
+            await conn.execute(sql, rebuilt)
         await conn.execute(
-            "DELETE FROM processed_events WHERE event_id = ANY($1::text[])", [e.event_id for e in events]
+            "DELETE FROM processed_events WHERE event_id = ANY($1::text[])", [e.event_id for e in again]
         )
-        done = await apply_batch(conn, events, settings.policy())
+        done = await apply_batch(conn, events[first:], settings.policy())
     result.applied += done.applied
     result.duplicates += done.duplicates

@@ -77,7 +77,12 @@ class Settings(BaseSettings):
     timeout_waiting_close: Timeout = timedelta(minutes=3)
     close_grace: Duration = timedelta(seconds=30)
     reopen_window: Duration = timedelta(0)
-    sweep_interval: Duration = timedelta(minutes=1)
+    sweep_interval: Duration = timedelta(minutes=1)  # 0: no sweep
+    sweep_max_refires: int = Field(10_000, ge=1)
+    # processed_events rows are kept for the topic's retention plus this margin (a redelivery or a
+    # replay can only bring back events still in the topic), pruned every ledger_prune_interval.
+    ledger_prune_margin: Duration = timedelta(days=1)
+    ledger_prune_interval: Duration = timedelta(hours=1)
 
     log_level: str = "INFO"
 

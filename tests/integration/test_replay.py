@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -116,3 +117,81 @@ async def test_replay_rebuilds_identical_rows(
     out3 = _replay(deployment, "--conversation", str(target["id"]))
     assert await _snapshot(db) == before, out3
     deployment.start("worker")
+
+
+def _replay_run(dep: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "parley.cli", "replay", *args],
+        env=dep.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+async def test_replaying_a_thread_keeps_conversations_past_retention(
+    http: aiohttp.ClientSession, deployment: Deployment, channel: GenericChannel, db: asyncpg.Connection
+) -> None:
+    """A thread whose first conversation's events are gone from the topic (past retention; here
+    its rows are written straight to Postgres, with no events at all): rebuilding the thread's
+    newer conversation must not destroy the old one, nor the link to it."""
+    if "worker" not in deployment.processes:
+        deployment.start("worker")
+    await deployment.wait_ready(http)
+    t = Thread(deployment, channel.id)
+    old_id = str(uuid.uuid4())
+    long_ago = now() - timedelta(days=30)
+    await db.execute(
+        "INSERT INTO conversations (id, channel_id, contact_id, state, version, opened_at, updated_at,"
+        " close_reason, closed_at, thread_seq)"
+        " VALUES ($1, $2, $3, 'closed', 3, $4, $5, 'agent_closed', $5, 1)",
+        old_id,
+        channel.id,
+        t.contact_id,
+        long_ago,
+        long_ago + timedelta(hours=1),
+    )
+    await db.execute(
+        "INSERT INTO messages (conversation_id, channel_id, contact_id, provider_message_id, direction, type,"
+        " text, status, sent_at) VALUES ($1, $2, $5, $3, 'inbound', 'text', 'old news', 'received', $4)",
+        old_id,
+        channel.id,
+        f"{t.contact_id}:old",
+        long_ago,
+        t.contact_id,
+    )
+    await db.execute(
+        "INSERT INTO conversation_events (conversation_id, event_id, kind, from_state, to_state, cause,"
+        " version, occurred_at) VALUES ($1, 'gone:1', 'closed', 'processing', 'closed', 'command:x', 3, $2)",
+        old_id,
+        long_ago + timedelta(hours=1),
+    )
+    await t.produce(t.message("voltei", now(), "new"))
+    convs = await t.wait(
+        db,
+        "the new conversation, closed by its timer",
+        lambda c: len(c) == 2 and c[1]["state"] == "closed",
+        60,
+    )
+    new_id = convs[1]["id"]
+    assert convs[1]["previous_conversation_id"] == old_id
+    deployment.stop("worker")
+    try:
+        before = await _snapshot(db)
+
+        dry = _replay_run(deployment, "--conversation", new_id, "--dry-run")
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        assert new_id in dry.stdout and "would delete" in dry.stdout and old_id in dry.stdout, dry.stdout
+        assert await _snapshot(db) == before  # a dry run changes nothing
+
+        refused = _replay_run(deployment, "--conversation", old_id)
+        assert refused.returncode == 2 and "cannot be rebuilt" in refused.stderr, refused.stderr[-3000:]
+        assert await _snapshot(db) == before
+
+        await db.execute("UPDATE conversations SET close_reason = 'failed' WHERE id = $1", new_id)
+        out = _replay_run(deployment, "--conversation", new_id)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert await _snapshot(db) == before, out.stdout  # rebuilt; the old one and its link intact
+    finally:
+        deployment.start("worker")

@@ -1,0 +1,91 @@
+"""Pruning of the event ledger (processed_events): it only has to remember what Kafka can still
+deliver again, i.e. the events within the source topic's retention.
+
+A redelivery (after a crash or a rebalance) or a replay can only bring back an event that is
+still in the topic, so a ledger row older than the retention plus a margin can never stop a
+duplicate any more. Rows are deleted in bounded chunks (short transactions, no long lock, no
+giant WAL burst). Infinite retention (negative) means the topic keeps everything: never prune.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+# Any constant works: one pruner at a time across workers (the others skip that round).
+_PRUNE_LOCK = 7_276_537_340
+# No index on processed_at: the ledger is append-only, so its oldest rows sit at the start of
+# the heap and a LIMITed scan finds a chunk of them quickly.
+_DELETE_CHUNK = """
+DELETE FROM processed_events WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM processed_events WHERE processed_at < $1 LIMIT $2))
+"""
+
+
+def prune_cut(now: datetime, retention: timedelta, margin: timedelta) -> datetime | None:
+    """Rows processed before this can go; None when the retention is infinite."""
+    if retention < timedelta(0):
+        return None
+    return now - retention - margin
+
+
+async def prune(pool: asyncpg.Pool, cut: datetime, chunk: int = 10_000) -> int:
+    """Delete ledger rows processed before `cut`, chunk by chunk; returns how many."""
+    deleted = 0
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _PRUNE_LOCK):
+            return 0  # another worker is pruning right now
+        try:
+            while True:
+                status = await conn.execute(_DELETE_CHUNK, cut, chunk)
+                n = int(status.split()[-1])  # "DELETE <n>"
+                deleted += n
+                if n < chunk:
+                    return deleted
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _PRUNE_LOCK)
+
+
+class LedgerPruner:
+    """Prunes the ledger every interval, forever."""
+
+    def __init__(
+        self,
+        pool: Callable[[], Awaitable[asyncpg.Pool]],
+        retention: timedelta,
+        margin: timedelta,
+        interval: timedelta,
+    ) -> None:
+        self.pool = pool
+        self.retention = retention
+        self.margin = margin
+        self.interval = interval
+        self.pruned_total = 0
+
+    async def run_once(self, now: datetime | None = None) -> int:
+        """One pruning round; returns how many rows it deleted."""
+        cut = prune_cut(now or datetime.now(UTC), self.retention, self.margin)
+        if cut is None:
+            return 0
+        n = await prune(await self.pool(), cut)
+        self.pruned_total += n
+        log.info("ledger: pruned %d processed_events rows older than %s", n, cut.isoformat())
+        return n
+
+    async def run(self) -> None:
+        """Prune at start and then every interval; a failed round is logged and tried again."""
+        if self.retention < timedelta(0) or self.interval <= timedelta(0):
+            log.info("ledger: never pruned (infinite topic retention or interval 0)")
+            return
+        while True:
+            try:
+                await self.run_once()
+            except Exception as exc:  # noqa: BLE001 - the next round retries
+                log.warning("ledger: pruning failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(self.interval.total_seconds())  # the pruner's own period

@@ -1,0 +1,49 @@
+"""Helpers for tests that watch workers: their /metrics, and the firings they produced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streams.topics import Topics
+from tests.integration.harness import Deployment, wait_until
+
+
+async def metrics(http: aiohttp.ClientSession, dep: Deployment) -> dict[str, float]:
+    """A worker's /metrics as numbers ({} while it does not answer yet)."""
+    try:
+        async with http.get(f"http://127.0.0.1:{dep.metrics_port}/metrics") as r:
+            return {k: float(v) for k, v in (line.split() for line in (await r.text()).splitlines())}
+    except aiohttp.ClientError:
+        return {}
+
+
+async def firings(dep: Deployment) -> list[dict[str, Any]]:
+    """Every timer firing on the conversation topic so far."""
+    topic = Topics(dep.name).conversation_events
+    consumer = AIOKafkaConsumer(bootstrap_servers=dep.services.bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(8)]  # the deployment's 8 partitions
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        out: list[dict[str, Any]] = []
+        seen = dict.fromkeys(tps, -1)
+
+        async def done() -> bool:
+            for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+                for m in records:
+                    seen[tp] = m.offset
+                    value = orjson.loads(m.value) if m.value and m.value.startswith(b"{") else {}
+                    if value.get("kind") == "timer.fired":
+                        out.append(value)
+            return all(seen[tp] >= end[tp] - 1 for tp in tps if end[tp] > 0)
+
+        await wait_until(done, 30, "the whole topic read")
+        return out
+    finally:
+        await consumer.stop()
