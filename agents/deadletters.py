@@ -17,22 +17,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import asyncpg.exceptions._base as asyncpg_base
 import faust
 from pydantic import ValidationError
 
-from agents.lifecycle import is_transient
+from agents.runner import is_transient
 from streams.records import DeadLetter
 
 log = logging.getLogger(__name__)
 
 _INSERT = """
 INSERT INTO dead_letters (dlq_partition, dlq_offset, source_topic, source_partition, source_offset,
-                          key, value, error, attempts, failed_at)
+                          key, value, error, attempts, failed_at, value_bytes, truncated)
 SELECT * FROM unnest($1::int[], $2::bigint[], $3::text[], $4::int[], $5::bigint[], $6::text[],
-                     $7::text[], $8::text[], $9::int[], $10::timestamptz[])
+                     $7::text[], $8::text[], $9::int[], $10::timestamptz[], $11::bigint[], $12::bool[])
 ON CONFLICT (dlq_partition, dlq_offset) DO NOTHING
 """
+_WIDTH = 12
 
 
 def _text(value: str | None) -> str | None:
@@ -62,6 +62,8 @@ def _raw_row(event: Any) -> tuple[Any, ...]:
             f"unreadable letter: {exc}",
             0,
             msg.timestamp and _ts(msg.timestamp),
+            len(msg.value or b""),
+            False,
         )
     return (
         msg.partition,
@@ -74,6 +76,8 @@ def _raw_row(event: Any) -> tuple[Any, ...]:
         letter.error,
         letter.attempts,
         letter.failed_at,
+        letter.value_bytes,
+        letter.truncated,
     )
 
 
@@ -96,13 +100,9 @@ def _placeholder(event: Any, exc: BaseException) -> tuple[Any, ...]:
         _text(f"letter could not be projected ({type(exc).__name__}: {exc}); value is the raw letter"),
         0,
         datetime.now(UTC),
+        len(msg.value or b""),
+        False,
     )
-
-
-def _transient(exc: BaseException) -> bool:
-    # asyncpg reports a value it cannot encode (say, an int out of int4 range) as a DataError
-    # that is also an InterfaceError, which is_transient counts as a connection problem.
-    return not isinstance(exc, asyncpg_base.DataError) and is_transient(exc)
 
 
 def register(
@@ -121,7 +121,7 @@ def register(
 
 
 async def _insert(pool: Callable[[], Awaitable[asyncpg.Pool]], rows: Sequence[tuple[Any, ...]]) -> None:
-    columns = [[row[i] for row in rows] for i in range(10)]
+    columns = [[row[i] for row in rows] for i in range(_WIDTH)]
     await (await pool()).execute(_INSERT, *columns)
 
 
@@ -137,11 +137,11 @@ async def _attempt(
             await _insert(pool, rows)
             return None
         except Exception as exc:  # noqa: BLE001 - classified below; nothing is acked meanwhile
-            if not _transient(exc):
+            if not is_transient(exc):
                 failures += 1
                 if failures > retries:
                     return exc
-            level = logging.WARNING if _transient(exc) else logging.ERROR
+            level = logging.WARNING if is_transient(exc) else logging.ERROR
             log.log(level, "dead letters: projecting %d failed (%s); retrying", len(rows), exc)
             await asyncio.sleep(delay)  # backoff between retries
             delay = min(delay * 2, 10.0)

@@ -21,9 +21,7 @@ import asyncpg
 import faust
 from pydantic import ValidationError
 
-from agents.runner import apply_isolating, is_transient, supervise, with_retries
-
-__all__ = ["LifecycleAgent", "is_transient"]  # is_transient: imported from here by older code
+from agents.runner import apply_isolating, supervise, with_retries
 from agents.timers import Timers
 from streams.projection import BatchResult, apply_batch
 from streams.records import CONVERSATION_EVENT, ConversationEvent, DeadLetter

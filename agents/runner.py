@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import asyncpg
+from asyncpg.exceptions._base import DataError as ClientDataError
 
 from streams.projection import StaleVersion
 
@@ -28,6 +29,10 @@ _TRANSIENT_SQLSTATE_CLASSES = {"08", "40", "53", "57"}  # connection, rollback, 
 
 def is_transient(exc: BaseException) -> bool:
     """Errors that go away by themselves: retry without limit, never dead-letter."""
+    if isinstance(exc, ClientDataError):
+        # asyncpg's client-side "cannot encode this value" (an int out of int4 range) is an
+        # InterfaceError too, but retrying it can never succeed.
+        return False
     if isinstance(exc, StaleVersion | OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
         return True
     if isinstance(exc, asyncpg.PostgresError):

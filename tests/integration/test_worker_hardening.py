@@ -65,11 +65,30 @@ async def test_an_oversize_poison_event_is_parked_bounded_and_the_partition_move
     await wait_until(lambda: _stored(db, contact, "after the huge one"), 60, "the message after the huge one")
 
     async def parked() -> asyncpg.Record | None:
-        return await db.fetchrow("SELECT value, error FROM dead_letters WHERE key = $1", key.decode())
+        return await db.fetchrow(
+            "SELECT id, value, error, value_bytes, truncated FROM dead_letters WHERE key = $1", key.decode()
+        )
 
     letter = await wait_until(parked, 30, "the huge event's letter")
     assert len(letter["value"]) == LETTER_VALUE_CHARS
     assert "undecodable event" in letter["error"]
+    assert (letter["value_bytes"], letter["truncated"]) == (900_001, True)
+
+    # Re-driving it puts the ORIGINAL record back (fetched from its topic position), not the
+    # truncated head: parked again, the new letter counts all 900,001 bytes.
+    async with http.post(
+        f"{deployment.base_url}/v1/dead-letters/{letter['id']}/retry", headers=deployment.admin_headers()
+    ) as r:
+        assert r.status == 202, await r.text()
+
+    async def parked_again() -> list[asyncpg.Record] | None:
+        rows = await db.fetch(
+            "SELECT value_bytes, source_offset FROM dead_letters WHERE key = $1 ORDER BY id", key.decode()
+        )
+        return rows if len(rows) == 2 else None
+
+    first, again = await wait_until(parked_again, 30, "the re-driven original to be parked again")
+    assert again["value_bytes"] == 900_001 and again["source_offset"] > first["source_offset"]
     async with http.get(f"http://127.0.0.1:{deployment.metrics_port}/healthz") as r:
         assert r.status == 200, await r.text()
 

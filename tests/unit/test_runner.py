@@ -77,3 +77,12 @@ async def test_a_dead_task_is_reported_and_a_cancelled_one_is_not() -> None:
         await cancelled
     await asyncio.sleep(0)
     assert len(seen) == 1
+
+
+def test_a_value_postgres_cannot_take_is_not_transient() -> None:
+    from asyncpg.exceptions._base import DataError as ClientDataError
+
+    from agents.runner import is_transient
+
+    assert not is_transient(ClientDataError("invalid input for query argument $1: 2147483648"))
+    assert is_transient(ConnectionResetError())
