@@ -138,14 +138,18 @@ class Deployment:
         label: str | None = None,
         env: dict[str, str] | None = None,
         clock_offset: float = 0.0,
+        module: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start `parley <part>` (worker or api) as a child process, known as `label` (default
-        `part`), with extra env; clock_offset (seconds) runs it with its clock that far off."""
+        `part`), with extra env; clock_offset (seconds) runs it with its clock that far off;
+        `module` runs `python -m module` instead (a test's own variant of the process)."""
         label = label or part
         self.logs.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "parley.cli", part]
         if clock_offset:
             command = [sys.executable, "-m", "tests.integration.skewed_clock", str(clock_offset), part]
+        if module:
+            command = [sys.executable, "-m", module]
         with (self.logs / f"{self.name}-{label}.log").open("ab") as out:
             proc = subprocess.Popen(
                 command,

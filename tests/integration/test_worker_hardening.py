@@ -14,7 +14,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from parley.localstack import free_port
 from streams.records import LETTER_VALUE_CHARS
 from streams.topics import Topics, thread_key
-from tests.integration.harness import Deployment, GenericChannel, message, wait_until
+from tests.integration.harness import Deployment, GenericChannel, Services, message, wait_until
 
 
 async def _post(
@@ -194,3 +194,32 @@ async def test_api_processes_with_clocks_30s_apart_never_wedge_a_thread(
         assert not await db.fetchval("SELECT count(*) FROM dead_letters WHERE key LIKE $1", f"%/{contact}")
     finally:
         deployment.stop(label)
+
+
+async def test_a_worker_whose_writer_dies_leaves_with_exit_code_1(
+    http: aiohttp.ClientSession, services: Services
+) -> None:
+    # Its own deployment: the broken worker is the only member of its group.
+    dep = Deployment(services)
+    await dep.create_database()
+    dep.start("api")
+    broken = dep.start("worker", module="tests.integration.broken_writer")
+    try:
+        await dep.wait_api(http)
+        ch = GenericChannel(id="ch-" + dep.name)
+        async with http.post(
+            f"{dep.base_url}/v1/channels",
+            json={"id": ch.id, "provider": "generic", "secret": ch.secret},
+            headers=dep.admin_headers(),
+        ) as r:
+            assert r.status == 201
+        await _post(http, dep.base_url, ch, message("boom", "5511", "the first batch"))
+
+        async def exited() -> int | None:
+            return broken.poll()
+
+        code = await wait_until(exited, 90, "the worker with the dead writer to exit")
+        assert code == 1
+        assert "lifecycle writer died: RuntimeError: injected writer bug" in dep.log_of("worker")
+    finally:
+        dep.stop_all()

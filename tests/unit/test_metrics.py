@@ -1,0 +1,35 @@
+"""The worker's /healthz says when the worker is failing; /metrics renders gauges."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from agents.metrics import render, serve
+from parley.localstack import free_port
+
+
+async def test_healthz_is_503_with_the_reason_while_the_worker_is_failing() -> None:
+    problem: list[str] = []
+    port = free_port()
+    runner = await serve(
+        "127.0.0.1", port, lambda: {"parley_x": 1.0}, lambda: problem[0] if problem else None
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert (r.status, await r.json()) == (200, {"status": "ok"})
+            problem.append("lifecycle writer died: RuntimeError")
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 503
+                assert await r.json() == {
+                    "status": "failing",
+                    "reason": "lifecycle writer died: RuntimeError",
+                }
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert await r.text() == "parley_x 1\n"
+    finally:
+        await runner.cleanup()
+
+
+def test_render_sorts_names() -> None:
+    assert render({"b": 2, "a": 0.5}) == "a 0.5\nb 2\n"
