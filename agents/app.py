@@ -69,7 +69,7 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     lifecycle = LifecycleAgent(app, settings, topics)
     lifecycle.register()
     deadletters.register(app, lifecycle.dead_letters, lifecycle.pool, settings.worker_retries)
-    lifecycle.timers.attach_postgres(lifecycle.pool)
+    lifecycle.scheduler.attach_postgres(lifecycle.pool)
     sweep = Sweep(
         lifecycle.pool,
         lifecycle.source,
@@ -81,21 +81,21 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     pruner = LedgerPruner(
         lifecycle.pool, settings.topic_retention, settings.ledger_prune_margin, settings.ledger_prune_interval
     )
-    app.task(lifecycle.timers.run)
+    app.task(lifecycle.scheduler.run)
     app.task(sweep.run)
     app.task(pruner.run)
 
     async def metrics() -> None:
         def gauges() -> dict[str, float]:
-            lateness = sorted(lifecycle.timers.lateness_ms) or [0.0]
+            lateness = sorted(lifecycle.scheduler.lateness_ms) or [0.0]
             return {
                 "parley_lifecycle_events_applied_total": lifecycle.applied,
                 "parley_lifecycle_dead_lettered_total": lifecycle.dead_lettered,
-                "parley_partitions_assigned": len(lifecycle.timers.owned()),
-                "parley_timers_active": len(lifecycle.timers.wheel),
-                "parley_timers_fired_total": lifecycle.timers.fired,
-                "parley_timers_repaired_total": lifecycle.timers.repaired,
-                "parley_timers_dropped_total": lifecycle.timers.dropped,
+                "parley_partitions_assigned": len(lifecycle.scheduler.owned()),
+                "parley_timers_active": len(lifecycle.scheduler.wheel),
+                "parley_timers_fired_total": lifecycle.scheduler.fired,
+                "parley_timers_repaired_total": lifecycle.scheduler.repaired,
+                "parley_timers_dropped_total": lifecycle.scheduler.dropped,
                 "parley_timer_lateness_p99_ms": lateness[int(0.99 * (len(lateness) - 1))],
                 "parley_sweep_runs_total": sweep.runs,
                 "parley_sweep_refired_total": sweep.refired_total,

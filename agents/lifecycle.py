@@ -22,7 +22,7 @@ import faust
 from pydantic import ValidationError
 
 from agents.runner import apply_isolating, supervise, with_retries
-from agents.timers import Timers
+from agents.scheduler import Scheduler
 from streams.projection import BatchResult, apply_batch
 from streams.records import CONVERSATION_EVENT, ConversationEvent, DeadLetter
 from streams.schema import create_pool
@@ -79,7 +79,7 @@ class LifecycleAgent:
         self.policy = settings.policy()
         self.topics = topics
         self.source = app.topic(topics.conversation_events, key_serializer="raw", value_serializer="raw")
-        self.timers = Timers(app, self.source, settings.topic_partitions)
+        self.scheduler = Scheduler(app, self.source, settings.topic_partitions)
         self.dead_letters = app.topic(topics.dead_letters, key_serializer="raw", value_serializer="raw")
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
@@ -167,7 +167,7 @@ class LifecycleAgent:
         # for its own reasons is split at once (retrying it whole would fail the same way).
         retries = self.settings.worker_retries if len(items) == 1 else 0
         result = await self._apply([record for _, record in items], retries)
-        self.timers.apply(result.timers)
+        self.scheduler.apply(result.actions)
 
     async def _park(self, item: tuple[Any, ConversationEvent], exc: BaseException) -> None:
         await self.dead_letter(item[0], f"{type(exc).__name__}: {exc}", self.settings.worker_retries + 1)
@@ -177,7 +177,7 @@ class LifecycleAgent:
 
         async def once() -> BatchResult:
             async with (await self.pool()).acquire() as conn:
-                return await apply_batch(conn, records, self.policy)
+                return await apply_batch(conn, records, self.policy, self.settings.topic_partitions)
 
         what = f"lifecycle: batch of {len(records)} (first {records[0].event_id})"
         result = await with_retries(once, retries=retries, what=what)

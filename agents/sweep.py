@@ -1,11 +1,11 @@
-"""The backup sweep: overdue open conversations in Postgres get their timer re-fired.
+"""The backup sweep: overdue actions in Postgres' scheduled_actions get their firing re-produced.
 
-It never closes anything itself: it puts a TimerFired event (same id as the timer's own) on
-the conversation's partition, and the lifecycle agent decides. A healthy system re-fires 0;
-a growing count means timers are being lost (a crashed worker, a lost changelog write).
+It never acts itself: it puts the action's firing event (same id as the scheduler's own, from
+streams/firings.py) on the owner's partition, and the lifecycle agent decides. A healthy system
+re-fires 0; a growing count means firings are being lost (a crashed worker, a lost write).
 
-Each worker sweeps only the partitions it is assigned (filtered in Python by the thread key's
-partition), and only what cannot still be queued: a firing produced before the partition's
+Each worker sweeps only the partitions it is assigned (the rows' partition column, indexed),
+and only what cannot still be queued: a firing produced before the partition's
 consumer caught up is already on its way, so re-firing it would only grow a backlog. Per
 partition, with `committed` the consumer's committed offset and `end` the log end offset:
 
@@ -31,23 +31,23 @@ import asyncpg
 import faust
 from faust.types import TP
 
-from agents.timers import due_ms, fired_event, owned_partitions, partition_of
-from streams.records import keyed
-from streams.topics import thread_key
+from agents.scheduler import owned_partitions
+from domain.actions import due_ms
+from streams.firings import firing
 
 log = logging.getLogger(__name__)
 
-# Keyset pagination over the partial deadline index: each page starts after the last one.
+# Keyset pagination over (partition, due_at): each page starts after the last one.
 _OVERDUE = """
-SELECT id, channel_id, contact_id, version, deadline_at FROM conversations
-WHERE state <> 'closed' AND deadline_at <= $1 AND (deadline_at, id) > ($3, $4::uuid)
-ORDER BY deadline_at, id LIMIT $2
+SELECT owner, name, token, due_at, partition FROM scheduled_actions
+WHERE partition = ANY($5::int[]) AND due_at <= $1 AND (due_at, owner, name) > ($3, $4, $6)
+ORDER BY due_at, owner, name LIMIT $2
 """
-_FIRST_KEY = (datetime.min.replace(tzinfo=UTC), "00000000-0000-0000-0000-000000000000")
+_FIRST_KEY = (datetime.min.replace(tzinfo=UTC), "", "")
 
 
 class Sweep:
-    """Finds overdue conversations of the owned partitions through the deadline index."""
+    """Finds overdue actions of the owned partitions through their due-time index."""
 
     def __init__(
         self,
@@ -109,38 +109,29 @@ class Sweep:
         pool = await self.pool()
         refired = skipped = 0
         capped = False
-        after: tuple[datetime, str] = _FIRST_KEY
+        after: tuple[datetime, str, str] = _FIRST_KEY
         while not capped:
-            rows = await pool.fetch(_OVERDUE, now - self.slack, self.batch, *after)
+            rows = await pool.fetch(
+                _OVERDUE, now - self.slack, self.batch, after[0], after[1], sorted(owned), after[2]
+            )
             futures: list[Any] = []
             for r in rows:
-                key = thread_key(r["channel_id"], r["contact_id"])
-                p = partition_of(key, self.partitions)
-                if p not in owned:
-                    continue  # another worker's
-                cutoff = cutoffs.get(p)
-                if cutoff is None or r["deadline_at"] > cutoff:
+                cutoff = cutoffs.get(r["partition"])
+                if cutoff is None or r["due_at"] > cutoff:
                     skipped += 1
                     continue
                 if refired + len(futures) >= self.max_refires:
                     capped = True
                     break
-                record = fired_event(
-                    r["channel_id"],
-                    r["contact_id"],
-                    str(r["id"]),
-                    r["version"],
-                    due_ms(r["deadline_at"]),
-                    now,
-                    source="sweep",
-                )
-                futures.append(await self.source.send(key=key, value=keyed(record)[1]))
+                record = firing(r["owner"], r["name"], r["token"], due_ms(r["due_at"]), now, "sweep")
+                value = record.model_dump_json().encode()
+                futures.append(await self.source.send(key=r["owner"].encode(), value=value))
             for fut in futures:
                 await fut
             refired += len(futures)
             if len(rows) < self.batch:
                 break
-            after = (rows[-1]["deadline_at"], str(rows[-1]["id"]))
+            after = (rows[-1]["due_at"], rows[-1]["owner"], rows[-1]["name"])
         # The log end after our own firings: the next run re-fires only once they are consumed.
         marked = datetime.now(UTC)
         self._marks = {p: (end, marked) for p, (_, end) in (await self._offsets(owned)).items()}
@@ -148,7 +139,7 @@ class Sweep:
         self.refired_total += refired
         self.skipped_total += skipped
         log.info(
-            "sweep: re-fired %d overdue timers on partitions %s; %d overdue left for later (partitions"
+            "sweep: re-fired %d overdue actions on partitions %s; %d overdue left for later (partitions"
             " behind: %s)%s",
             refired,
             sorted(owned),

@@ -54,7 +54,7 @@ def _messages(contacts: Sequence[str], tag: str, poison_at: int = -1) -> list[In
 
 async def _apply(pool: asyncpg.Pool, events: Sequence[InboundMessage]) -> None:
     async with pool.acquire() as conn:
-        await apply_batch(conn, events, POLICY)
+        await apply_batch(conn, events, POLICY, 8)
 
 
 async def per_event_by_batch_size(pg_url: str, sizes: Sequence[int], rounds: int = 3) -> dict[int, float]:

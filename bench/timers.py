@@ -14,8 +14,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from agents.timers import pack
+from agents.scheduler import pack, wheel_key
 from bench.pipeline import produce_messages
+from domain.actions import CLOSE, close_token
 from domain.timer_wheel import TimerWheel
 from streams.records import CONVERSATION_EVENT, TimerFiredRecord
 from streams.topics import Topics, thread_key
@@ -30,9 +31,12 @@ def memory_per_timer(n: int) -> tuple[float, float]:
     base = tracemalloc.get_traced_memory()[0]
     keys = [thread_key("whatsapp-main", f"55{11_900_000_000 + i}") for i in range(n)]
     now = int(time.time() * 1000)
-    table = {k: pack(str(uuid.uuid4()), 3, now + random.randint(0, 48 * 3600_000)) for k in keys}
+    table = {
+        k: pack({CLOSE: (close_token(str(uuid.uuid4()), 3), now + random.randint(0, 48 * 3600_000))})
+        for k in keys
+    }
     after_table = tracemalloc.get_traced_memory()[0]
-    wheel = TimerWheel.build(((k, now + 1000 + i) for i, k in enumerate(keys)), now)
+    wheel = TimerWheel.build(((wheel_key(k, CLOSE), now + 1000 + i) for i, k in enumerate(keys)), now)
     total = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert len(table) == len(wheel) == n

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from domain.actions import CLOSE, Action, Arm, Disarm, close_token
 from domain.lifecycle import (
     AgentAccepted,
     CancelTimer,
@@ -103,7 +104,7 @@ class Plan:
     audit: list[tuple[Any, ...]] = field(default_factory=list)
     outbound: list[OutboundMessage] = field(default_factory=list)
     receipts: list[StatusReceipt] = field(default_factory=list)
-    timers: list[tuple[bytes, SetTimer | CancelTimer]] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)  # in order; the last per (owner, name) counts
     emits: list[Emit] = field(default_factory=list)
     applied: int = 0
 
@@ -188,8 +189,11 @@ class Planner:
                         now,
                     )
                 )
-            elif isinstance(effect, SetTimer | CancelTimer):
-                plan.timers.append((thread_key(*thread), effect))
+            elif isinstance(effect, SetTimer):
+                token = close_token(effect.conversation_id, effect.version)
+                plan.actions.append(Arm(thread_key(*thread).decode(), CLOSE, effect.due_at, token))
+            elif isinstance(effect, CancelTimer):
+                plan.actions.append(Disarm(thread_key(*thread).decode(), CLOSE))
             elif isinstance(effect, Emit):
                 plan.emits.append(effect)
         plan.applied += 1

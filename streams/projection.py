@@ -15,11 +15,13 @@ from typing import Any
 
 import asyncpg
 
-from domain.lifecycle import CancelTimer, CloseReason, Conversation, Emit, SetTimer, State
+from domain.actions import Action, Arm, last_per_action
+from domain.lifecycle import CloseReason, Conversation, Emit, State
 from domain.policy import LifecyclePolicy
 from streams.plan import Current, Plan, Planner, Thread
 from streams.receipts import apply_receipts
 from streams.records import ConversationEvent
+from streams.topics import partition_of
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
@@ -34,7 +36,7 @@ class BatchResult:
 
     applied: int = 0
     duplicates: int = 0
-    timers: list[tuple[bytes, SetTimer | CancelTimer]] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
     emits: list[Emit] = field(default_factory=list)
 
 
@@ -155,6 +157,18 @@ def _conversation_row(conv: Conversation, window: Any, seq: int) -> tuple[Any, .
     )
 
 
+# The durable intent of every action (see domain/actions.py), sorted by key: rows locked in order.
+_ARM = """
+INSERT INTO scheduled_actions (owner, name, token, due_at, partition)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int[])
+ON CONFLICT (owner, name) DO UPDATE
+  SET token = EXCLUDED.token, due_at = EXCLUDED.due_at, partition = EXCLUDED.partition
+"""
+_DISARM = """
+DELETE FROM scheduled_actions a USING unnest($1::text[], $2::text[]) AS d(owner, name)
+WHERE a.owner = d.owner AND a.name = d.name
+"""
+
 _CLAIM = (
     "INSERT INTO processed_events (event_id) SELECT unnest($1::text[])"
     " ON CONFLICT DO NOTHING RETURNING event_id"
@@ -178,7 +192,25 @@ async def _read_current(conn: Conn, events: Sequence[ConversationEvent]) -> dict
     return {(r["channel_id"], r["contact_id"]): Current(_conversation(r), r["thread_seq"]) for r in rows}
 
 
-async def _write(conn: Conn, plan: Plan) -> None:
+async def write_actions(conn: Conn, actions: list[Action], partitions: int) -> None:
+    """Store the last decision per (owner, name): armed rows upserted, disarmed ones deleted."""
+    last = sorted(last_per_action(actions).items())
+    arms = [a for _, a in last if isinstance(a, Arm)]
+    disarms = [a for _, a in last if not isinstance(a, Arm)]
+    if arms:
+        await conn.execute(
+            _ARM,
+            [a.owner for a in arms],
+            [a.name for a in arms],
+            [a.token for a in arms],
+            [a.due_at for a in arms],
+            [partition_of(a.owner.encode(), partitions) for a in arms],
+        )
+    if disarms:
+        await conn.execute(_DISARM, [a.owner for a in disarms], [a.name for a in disarms])
+
+
+async def _write(conn: Conn, plan: Plan, partitions: int) -> None:
     if plan.inserts:
         rows_in = [_conversation_row(c, plan.windows.get(c.id), plan.seq[c.id]) for c in plan.inserts]
         await conn.execute(_INSERT_CONVERSATIONS, *_columns(rows_in, len(_CONV_TYPES)))
@@ -195,12 +227,17 @@ async def _write(conn: Conn, plan: Plan) -> None:
         await conn.execute(_INSERT_EVENTS, *_columns(plan.audit, 9))
     if plan.outbound or plan.receipts:
         await apply_receipts(conn, plan.outbound, plan.receipts)
+    if plan.actions:
+        await write_actions(conn, plan.actions, partitions)
 
 
 async def apply_batch(
-    conn: Conn, events: Sequence[ConversationEvent], policy: LifecyclePolicy
+    conn: Conn, events: Sequence[ConversationEvent], policy: LifecyclePolicy, partitions: int
 ) -> BatchResult:
-    """Apply events (in order) in one transaction; raises StaleVersion if another writer won."""
+    """Apply events (in order) in one transaction; raises StaleVersion if another writer won.
+
+    `partitions` is the topics' partition count: each action row records its owner's partition.
+    """
     async with conn.transaction():
         todo = await _claim(conn, events)
         result = BatchResult(duplicates=len(events) - len(todo))
@@ -212,6 +249,6 @@ async def apply_batch(
                 await asyncio.sleep(0)  # let the timer loop and the fetcher run between chunks
             planner.add(event)
         plan = planner.finish()
-        await _write(conn, plan)
-    result.applied, result.timers, result.emits = plan.applied, plan.timers, plan.emits
+        await _write(conn, plan, partitions)
+    result.applied, result.actions, result.emits = plan.applied, plan.actions, plan.emits
     return result

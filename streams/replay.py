@@ -169,7 +169,7 @@ async def _apply(
     if not events:
         return
     async with pool.acquire() as conn:
-        done = await apply_batch(conn, events, settings.policy())
+        done = await apply_batch(conn, events, settings.policy(), settings.topic_partitions)
     result.applied += done.applied
     result.duplicates += done.duplicates
 
@@ -216,6 +216,6 @@ async def _rebuild_thread(
         await conn.execute(
             "DELETE FROM processed_events WHERE event_id = ANY($1::text[])", [e.event_id for e in again]
         )
-        done = await apply_batch(conn, events[first:], settings.policy())
+        done = await apply_batch(conn, events[first:], settings.policy(), settings.topic_partitions)
     result.applied += done.applied
     result.duplicates += done.duplicates

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from streams.settings import Settings
 
@@ -17,6 +18,11 @@ def thread_key(channel_id: str, contact_id: str) -> bytes:
     """The partition key of a conversation thread: all its events land on one partition."""
     # Channel ids cannot hold '/', so the first '/' always separates the two parts.
     return f"{channel_id}/{contact_id}".encode()
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition the producer's default partitioner (aiokafka, Java client) picks for a key."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def split_thread_key(key: bytes) -> tuple[str, str]:

@@ -10,8 +10,9 @@ import aiohttp
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from agents.timers import due_ms, fired_event
+from domain.actions import close_token, due_ms
 from domain.lifecycle import CloseReason
+from streams.firings import close_firing
 from streams.records import AcceptCommand, CloseCommand, InboundMessage, Record, TimerFiredRecord
 from streams.topics import Topics, thread_key
 from tests.integration.harness import Deployment, wait_until
@@ -76,7 +77,8 @@ class Thread:
         """The conversation's current deadline firing (as the timer table or sweep would)."""
         due = due_ms(datetime.fromisoformat(conv["deadline_at"]))
         at = fired_at or datetime.now(UTC)
-        return fired_event(self.channel_id, self.contact_id, conv["id"], conv["version"], due, at, source)
+        owner = f"{self.channel_id}/{self.contact_id}"
+        return close_firing(owner, close_token(conv["id"], conv["version"]), due, at, source)
 
     async def produce(self, *records: Record) -> None:
         """Put records on the thread's partition, in this order, acked."""

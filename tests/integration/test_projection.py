@@ -104,12 +104,12 @@ async def test_the_batched_update_is_linear_in_the_batch(pool: asyncpg.Pool) -> 
 
 async def test_the_service_window_never_moves_backwards(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
-        await apply_batch(conn, [inbound("w", 1, T0 + timedelta(minutes=5))], POLICY)
+        await apply_batch(conn, [inbound("w", 1, T0 + timedelta(minutes=5))], POLICY, 8)
         # a later event whose provider clock says it was sent earlier (a delayed retry)
-        await apply_batch(conn, [inbound("w", 2, T0 + timedelta(minutes=6), sent_at=T0)], POLICY)
+        await apply_batch(conn, [inbound("w", 2, T0 + timedelta(minutes=6), sent_at=T0)], POLICY, 8)
         # and one sent "in the future" by a provider clock ahead of ours: capped at receive time
         await apply_batch(
-            conn, [inbound("w", 3, T0 + timedelta(minutes=7), sent_at=T0 + timedelta(days=3650))], POLICY
+            conn, [inbound("w", 3, T0 + timedelta(minutes=7), sent_at=T0 + timedelta(days=3650))], POLICY, 8
         )
         window = await conn.fetchval("SELECT window_expires_at FROM conversations WHERE contact_id = 'w'")
     assert window == T0 + timedelta(minutes=7, hours=24)
@@ -119,7 +119,7 @@ async def test_a_thread_whose_events_carry_clocks_out_of_order_keeps_one_open_co
     pool: asyncpg.Pool,
 ) -> None:
     async with pool.acquire() as conn:
-        await apply_batch(conn, [inbound("k", 1, T0)], POLICY)
+        await apply_batch(conn, [inbound("k", 1, T0)], POLICY, 8)
         first = await conn.fetchval("SELECT id FROM conversations WHERE contact_id = 'k'")
         close = CloseCommand(
             event_id="cmd:1",
@@ -128,10 +128,10 @@ async def test_a_thread_whose_events_carry_clocks_out_of_order_keeps_one_open_co
             conversation_id=str(first),
             issued_at=T0 + timedelta(seconds=1),
         )
-        await apply_batch(conn, [close], POLICY)
+        await apply_batch(conn, [close], POLICY, 8)
         # taken by an API process whose clock is 30 s behind, then one on time, then behind again
         for n, skew in ((2, -30), (3, 2), (4, -29)):
-            await apply_batch(conn, [inbound("k", n, T0 + timedelta(seconds=skew))], POLICY)
+            await apply_batch(conn, [inbound("k", n, T0 + timedelta(seconds=skew))], POLICY, 8)
         rows = await conn.fetch(
             "SELECT id, state, opened_at, thread_seq FROM conversations"
             " WHERE contact_id = 'k' ORDER BY thread_seq"

@@ -9,6 +9,8 @@ from datetime import timedelta
 import aiohttp
 import asyncpg
 
+from domain.actions import CLOSE, close_token
+from streams.topics import partition_of, thread_key
 from tests.integration.harness import Deployment, GenericChannel, wait_until
 from tests.integration.lifecycle_helpers import Thread, now
 from tests.integration.worker_helpers import firings, metrics
@@ -17,7 +19,8 @@ DEPLOYMENT_ENV = {"PARLEY_SWEEP_INTERVAL": "1", "PARLEY_TIMEOUT_IDLE": "3600"}
 
 
 async def insert_overdue(db: asyncpg.Connection, thread: Thread, overdue: timedelta) -> str:
-    """An open conversation whose deadline passed and whose timer exists nowhere (lost)."""
+    """An open conversation whose deadline passed and whose timer exists only as its durable
+    intent in Postgres (its scheduled_actions row): lost from the timer table and wheel."""
     deadline = now() - overdue
     conv_id = str(uuid.uuid4())
     await db.execute(
@@ -28,6 +31,15 @@ async def insert_overdue(db: asyncpg.Connection, thread: Thread, overdue: timede
         thread.contact_id,
         deadline - timedelta(seconds=12),
         deadline,
+    )
+    owner = thread_key(thread.channel_id, thread.contact_id)
+    await db.execute(
+        "INSERT INTO scheduled_actions (owner, name, token, due_at, partition) VALUES ($1, $2, $3, $4, $5)",
+        owner.decode(),
+        CLOSE,
+        close_token(conv_id, 1),
+        deadline,
+        partition_of(owner, 8),
     )
     return conv_id
 
@@ -40,17 +52,7 @@ async def test_sweep_refires_a_lost_timer_and_counts_it(
     t = Thread(deployment, channel.id)
     db = await asyncpg.connect(deployment.database_url)
     try:
-        deadline = now() - timedelta(seconds=10)
-        conv_id = str(uuid.uuid4())
-        await db.execute(
-            "INSERT INTO conversations (id, channel_id, contact_id, state, version, opened_at, updated_at,"
-            " deadline_at, thread_seq) VALUES ($1, $2, $3, 'idle', 1, $4, $4, $5, 1)",
-            conv_id,
-            channel.id,
-            t.contact_id,
-            deadline - timedelta(seconds=12),
-            deadline,
-        )
+        conv_id = await insert_overdue(db, t, timedelta(seconds=10))
         [conv] = await t.wait(db, "the sweep to close it", lambda c: c[0]["state"] == "closed", 30)
         assert conv["close_reason"] == "expired"
         [closed] = [e for e in await t.events(db, conv_id) if e["kind"] == "closed"]

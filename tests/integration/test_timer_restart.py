@@ -120,7 +120,7 @@ async def test_timers_committed_to_postgres_but_never_written_to_the_table_fire_
     try:
         async with pool.acquire() as conn:
             policy = Settings(timeout_idle=timedelta(seconds=12)).policy()
-            done = await apply_batch(conn, [e for _, e in events], policy)
+            done = await apply_batch(conn, [e for _, e in events], policy, 8)
         assert done.applied == n
     finally:
         await pool.close()

@@ -7,8 +7,7 @@ from datetime import UTC, datetime, timedelta
 from aiokafka.partitioner import DefaultPartitioner
 
 from agents.ledger import prune_cut
-from agents.timers import partition_of
-from streams.topics import thread_key
+from streams.topics import partition_of, thread_key
 
 
 def test_partition_of_matches_the_producers_default_partitioner() -> None:

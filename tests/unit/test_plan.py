@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from domain.lifecycle import Conversation, SetTimer, State
+from domain.actions import CLOSE, Arm, close_token
+from domain.lifecycle import Conversation, State
 from domain.policy import LifecyclePolicy
 from streams.plan import SERVICE_WINDOW, Current, Planner
 from streams.records import CloseCommand, InboundMessage, StatusReceipt, conversation_id_for
@@ -49,7 +50,8 @@ def test_a_first_message_opens_the_thread_at_seq_1_with_its_timer() -> None:
     [conv] = plan.inserts
     assert conv.id == conversation_id_for("e1") and plan.seq[conv.id] == 1
     assert plan.updates == [] and len(plan.messages) == 1 and plan.applied == 1
-    assert [effect for _, effect in plan.timers] == [SetTimer(conv.id, 1, T0 + POLICY.idle_timeout)]
+    token = close_token(conv.id, 1)
+    assert plan.actions == [Arm("ch/k", CLOSE, T0 + POLICY.idle_timeout, token)]
     assert plan.windows[conv.id] == T0 + SERVICE_WINDOW
 
 

@@ -1,0 +1,355 @@
+"""Scheduled actions: a Faust table (the worker's store) plus an in-memory timer wheel (the index).
+
+The table "actions" is keyed by owner (the Kafka key of the conversation topic) and uses the
+producer's partitioner, so each owner's changelog partition is its own partition of the topic;
+its value holds every action pending for that owner (a small map name -> token, due). The wheel
+indexes (owner, name) pairs of the partitions this worker owns, and only those: it drops a
+partition's actions when the partition is revoked and is rebuilt after each assignment from the
+table and from Postgres' scheduled_actions, the durable truth (see reconcile).
+
+A due action is not acted on here: it becomes its firing event (streams/firings.py) on the
+owner's partition, applied by the lifecycle agent in order with everything else. Firing twice is
+harmless: the event id is the arming's identity, so the ledger drops a repeat. The engine knows
+nothing about conversations; the firing builders do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import faust
+import orjson
+
+from domain.actions import Action, Arm, due_ms, last_per_action
+from domain.timer_wheel import TimerWheel
+from streams.firings import LAZY_CHANGELOG, firing
+from streams.topics import partition_of
+
+log = logging.getLogger(__name__)
+
+Entries = dict[str, tuple[str, int]]  # name -> (token, due ms)
+_SEP = b"\x00"  # between owner and name in a wheel key; ingress never lets NUL into a key
+
+
+def pack(entries: Entries) -> bytes:
+    """Encode an owner's pending actions (a table value)."""
+    return orjson.dumps([[name, token, due] for name, (token, due) in entries.items()])
+
+
+def unpack(value: bytes | None) -> Entries:
+    """Decode a table value (empty for None)."""
+    return {name: (token, due) for name, token, due in orjson.loads(value)} if value else {}
+
+
+def wheel_key(owner: bytes, name: str) -> bytes:
+    """The wheel's key of one action."""
+    return owner + _SEP + name.encode()
+
+
+def split_wheel_key(key: bytes) -> tuple[bytes, str]:
+    """Inverse of wheel_key."""
+    owner, _, name = key.partition(_SEP)
+    return owner, name.decode()
+
+
+def owned_partitions(app: faust.App, topic: faust.TopicT) -> set[int]:
+    """Partitions of `topic` assigned to this worker's consumer now (none before it started)."""
+    name = topic.get_topic_name()
+    try:
+        assignment = app.consumer.assignment()
+    except Exception:  # noqa: BLE001 - consumer not started yet: nothing is ours
+        return set()
+    return {tp.partition for tp in assignment if tp.topic == name}
+
+
+# The owned partitions' rows; the NULL ones were carried over by a migration (no partition yet).
+_PENDING = """
+SELECT owner, name, token, due_at, partition FROM scheduled_actions
+WHERE partition = ANY($1::int[]) OR partition IS NULL
+"""
+_FILL_PARTITION = """
+UPDATE scheduled_actions a SET partition = f.p
+FROM unnest($1::text[], $2::text[], $3::int[]) AS f(owner, name, p)
+WHERE a.owner = f.owner AND a.name = f.name AND a.partition IS NULL
+"""
+
+
+class Scheduler:
+    """The actions table, its wheel, and the loop that turns due actions into events."""
+
+    def __init__(self, app: faust.App, source: faust.TopicT, partitions: int) -> None:
+        self.app = app
+        self.source = source
+        self.partitions = partitions
+        self.table = app.Table(
+            "actions",
+            key_type=bytes,  # bytes -> the raw codec for the table and its changelog
+            value_type=bytes,
+            partitions=partitions,
+            use_partitioner=True,
+            help="pending scheduled actions per owner (conversation thread or schedule key)",
+        )
+        self.wheel: TimerWheel[bytes] = TimerWheel(int(time.time() * 1000))
+        self.pool: Callable[[], Awaitable[asyncpg.Pool]] | None = None  # set by attach_postgres
+        self.reconcile_timeout = 60.0
+        self._wake = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._confirming: set[asyncio.Future[None]] = set()
+        self._touched: set[bytes] | None = None  # owners apply() changed while a reconcile reads
+        self._retry: asyncio.Task[None] | None = None
+        self.fired = 0
+        self.repaired = 0  # actions put back (or removed) from Postgres after an assignment
+        self.dropped = 0  # owners of partitions that moved to another worker
+        self.lateness_ms: list[float] = []  # a bounded sample, for the metrics endpoint
+        self.table.on_recover(self.rebuild)
+        app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]  # mode types it loosely
+
+    def attach_postgres(self, pool: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
+        """Where reconcile reads the durable actions from (the lifecycle agent's pool)."""
+        self.pool = pool
+
+    def owned(self) -> set[int]:
+        """Partitions of the topic this worker is assigned now."""
+        return owned_partitions(self.app, self.source)
+
+    async def _on_revoked(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # Stop firing what another worker may own in a moment; the store keeps its entries until
+        # the new assignment is known (Faust does not re-read the changelog of a kept partition).
+        topic = self.source.get_topic_name()
+        revoked: Iterable[Any] = args[0] if args else kwargs.get("revoked", ())
+        gone = {tp.partition for tp in revoked if tp.topic == topic}
+        if gone:
+            self._reindex(lambda p: p not in gone)
+
+    def _reindex(self, keep: Callable[[int], bool]) -> None:
+        n = self.partitions
+        items = (
+            (wheel_key(owner, name), due)
+            for owner, value in self.table.data.items()
+            if keep(partition_of(owner, n))
+            for name, (_, due) in unpack(value).items()
+        )
+        self.wheel = TimerWheel.build(items, int(time.time() * 1000))
+        self._wake.set()
+
+    async def rebuild(self) -> None:
+        """After assignment/recovery: keep only the owned partitions' actions, re-index them,
+        and make them match Postgres (Faust awaits this before it resumes the partitions, so the
+        lifecycle agent consumes only afterwards)."""
+        started = time.perf_counter()
+        owned = self.owned()
+        store = self.table.data
+        gone = [owner for owner in store if partition_of(owner, self.partitions) not in owned]
+        for owner in gone:
+            del store[owner]  # memory only: the changelog belongs to the new owner now
+        self.dropped += len(gone)
+        self._reindex(lambda p: p in owned)
+        repaired: int | str = "not checked"
+        if self.pool is not None:
+            try:
+                repaired = await asyncio.wait_for(self.reconcile(), self.reconcile_timeout)
+            except Exception as exc:  # noqa: BLE001 - Postgres unreachable: retry in the background
+                log.warning("scheduler: reconcile with Postgres failed (%s); retrying in the background", exc)
+                self._retry_later()
+        self._ready.set()
+        self._wake.set()
+        log.info(
+            "scheduler: index rebuilt for partitions %s with %d actions (%d owners of other partitions"
+            " dropped, %s repaired from Postgres) in %.0f ms",
+            sorted(owned),
+            len(self.wheel),
+            len(gone),
+            repaired,
+            1000 * (time.perf_counter() - started),
+        )
+
+    def _retry_later(self) -> None:
+        if self._retry is not None and not self._retry.done():
+            return
+
+        async def retry() -> None:
+            delay = 1.0
+            while True:
+                await asyncio.sleep(delay)  # backoff while Postgres is unreachable
+                try:
+                    n = await self.reconcile()
+                    log.info("scheduler: reconcile with Postgres done: %d repaired", n)
+                    return
+                except Exception as exc:  # noqa: BLE001 - keep trying; the sweep covers meanwhile
+                    log.warning("scheduler: reconcile with Postgres failed again (%s)", exc)
+                    delay = min(delay * 2, 30.0)
+
+        self._retry = asyncio.ensure_future(retry())
+
+    async def reconcile(self) -> int:
+        """Make the owned partitions' actions equal Postgres' scheduled_actions; returns how many
+        owners changed.
+
+        Postgres is the truth: every arming and disarming is stored there in the transaction of
+        the change that made it, so a crash between that commit and the table write leaves it
+        only there (a redelivered batch is a ledger duplicate and derives nothing). An owner the
+        lifecycle agent changes while this reads is left alone: the agent applies effects after
+        their commit, so its value is at least as new as the rows read here.
+        """
+        assert self.pool is not None
+        pool = await self.pool()
+        owned = self.owned()
+        n = self.partitions
+        wanted: dict[bytes, Entries] = {}
+        unfilled: list[tuple[str, str, int]] = []
+        self._touched = set()
+        try:
+            async with pool.acquire() as conn:
+                async with conn.transaction(readonly=True):
+                    async for r in conn.cursor(_PENDING, sorted(owned), prefetch=5000):
+                        owner = r["owner"].encode()
+                        p = r["partition"]
+                        if p is None:
+                            p = partition_of(owner, n)
+                            unfilled.append((r["owner"], r["name"], p))
+                        if p in owned:
+                            wanted.setdefault(owner, {})[r["name"]] = (r["token"], due_ms(r["due_at"]))
+                if unfilled:
+                    await conn.execute(_FILL_PARTITION, *map(list, zip(*unfilled, strict=True)))
+            touched = self._touched
+        finally:
+            self._touched = None
+        owned &= self.owned()  # a rebalance meanwhile: touch only what is still ours
+        store = self.table.data
+        changed = 0
+        for owner in set(wanted) | {o for o in store if partition_of(o, n) in owned}:
+            if owner in touched or partition_of(owner, n) not in owned:
+                continue
+            have, want = unpack(store.get(owner)), wanted.get(owner, {})
+            if have == want:
+                continue
+            for name in have.keys() - want.keys():
+                self.wheel.cancel(wheel_key(owner, name))
+            for name, (_, due) in want.items():
+                self.wheel.schedule(wheel_key(owner, name), due)
+            if want:
+                self.table[owner] = pack(want)  # store + changelog
+            else:
+                del self.table[owner]
+            changed += 1
+        self.repaired += changed
+        if changed:
+            self._wake.set()
+        return changed
+
+    def apply(self, actions: Iterable[Action]) -> None:
+        """Carry out the action decisions of a committed batch (the last per owner and name).
+
+        The in-memory store always holds the real actions (the firing loop reads it). For the
+        names in LAZY_CHANGELOG the changelog is written only when a due time moves earlier or
+        the arming is of another incarnation (the token's part before its last ':'); a message
+        pushing a deadline later writes nothing there (see streams/firings.py for why it is safe).
+        """
+        last = last_per_action(list(actions))
+        owners: dict[bytes, list[Action]] = {}
+        for (owner_id, _), action in last.items():
+            owners.setdefault(owner_id.encode(), []).append(action)
+        if self._touched is not None:
+            self._touched.update(owners)
+        earliest = self.wheel.next_due_ms()
+        store = self.table.data
+        for owner, changes in owners.items():
+            old = unpack(store.get(owner))
+            new = dict(old)
+            durable = False
+            for action in changes:
+                key = wheel_key(owner, action.name)
+                if isinstance(action, Arm):
+                    due = due_ms(action.due_at)
+                    before = old.get(action.name)
+                    new[action.name] = (action.token, due)
+                    durable = durable or not _lazy_ok(action.name, before, action.token, due)
+                    self.wheel.schedule(key, due)
+                    if earliest is None or due < earliest:
+                        earliest = due
+                        self._wake.set()
+                elif action.name in new:
+                    del new[action.name]
+                    durable = True
+                    self.wheel.cancel(key)
+            if new == old:
+                continue
+            if not new:
+                del self.table[owner]
+            elif durable:
+                self.table[owner] = pack(new)  # store + changelog (flushed before offsets commit)
+            else:
+                store[owner] = pack(new)  # a later due time of a lazy action: memory only
+
+    async def run(self) -> None:
+        """Sleep until the next due action (or a wake-up), fire what is due, repeat."""
+        await self._ready.wait()
+        while True:
+            now = int(time.time() * 1000)
+            due = self.wheel.pop_due(now)
+            if due:
+                # Hand the records to the producer and move on: waiting for the acks here would
+                # make every action due meanwhile late by a broker round trip.
+                futures = await self._fire(due, now)
+                task = asyncio.ensure_future(self._confirm(due, futures))
+                self._confirming.add(task)
+                task.add_done_callback(self._confirming.discard)
+                continue
+            nxt = self.wheel.next_due_ms()
+            timeout = 1.0 if nxt is None else max(0.0, min(1.0, (nxt - now) / 1000))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _confirm(self, due: list[tuple[bytes, int]], futures: list[Any]) -> None:
+        """Wait for the acks; if Kafka failed, put the actions back so they fire again."""
+        try:
+            for fut in futures:
+                await fut  # acks=all: a due action is either on its partition or re-armed here
+            self.fired += len(futures)
+        except Exception as exc:  # noqa: BLE001 - Kafka trouble: keep the actions, retry
+            log.warning("scheduler: firing %d actions failed (%s); re-arming them", len(due), exc)
+            retry_at = int(time.time() * 1000) + 1000
+            for key, due_at in due:
+                if self.wheel.due_of(key) is None:
+                    self.wheel.schedule(key, max(due_at, retry_at))
+            self._wake.set()
+
+    async def _fire(self, due: list[tuple[bytes, int]], now: int) -> list[Any]:
+        fired_at = datetime.fromtimestamp(now / 1000, UTC)
+        futures: list[Any] = []
+        for key, due_at in due:
+            owner, name = split_wheel_key(key)
+            entry = unpack(self.table.get(owner)).get(name)
+            if entry is None or entry[1] != due_at:
+                continue  # disarmed, or re-armed for another time the wheel holds too
+            record = firing(owner.decode(), name, entry[0], due_at, fired_at, "timer")
+            try:
+                futures.append(await self.source.send(key=owner, value=record.model_dump_json().encode()))
+            except Exception as exc:  # noqa: BLE001 - the producer refused: re-arm, try again soon
+                log.warning("scheduler: producing a firing failed (%s); re-arming", exc)
+                self.wheel.schedule(key, int(time.time() * 1000) + 1000)
+                continue
+            self._observe(now - due_at)
+        return futures
+
+    def _observe(self, lateness: float) -> None:
+        if len(self.lateness_ms) >= 10_000:
+            del self.lateness_ms[:5_000]
+        self.lateness_ms.append(lateness)
+
+
+def _lazy_ok(name: str, before: tuple[str, int] | None, token: str, due: int) -> bool:
+    """Whether an arming may skip the changelog: a lazy name, same incarnation, not earlier."""
+    if name not in LAZY_CHANGELOG or before is None:
+        return False
+    same_incarnation = before[0].rpartition(":")[0] == token.rpartition(":")[0]
+    return same_incarnation and due >= before[1]
