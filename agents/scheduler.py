@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
@@ -24,7 +25,6 @@ from typing import Any
 
 import asyncpg
 import faust
-import orjson
 
 from domain.actions import Action, Arm, due_ms, last_per_action
 from domain.timer_wheel import TimerWheel
@@ -37,14 +37,32 @@ Entries = dict[str, tuple[str, int]]  # name -> (token, due ms)
 _SEP = b"\x00"  # between owner and name in a wheel key; ingress never lets NUL into a key
 
 
+_ENTRY = struct.Struct(">BHq")  # name length, token length, due ms; then name, token
+
+
 def pack(entries: Entries) -> bytes:
-    """Encode an owner's pending actions (a table value)."""
-    return orjson.dumps([[name, token, due] for name, (token, due) in entries.items()])
+    """Encode an owner's pending actions (a table value): compact, exact-size bytes."""
+    out = bytearray()
+    for name, (token, due) in entries.items():
+        n, t = name.encode(), token.encode()
+        out += _ENTRY.pack(len(n), len(t), due)
+        out += n
+        out += t
+    return bytes(out)
 
 
 def unpack(value: bytes | None) -> Entries:
     """Decode a table value (empty for None)."""
-    return {name: (token, due) for name, token, due in orjson.loads(value)} if value else {}
+    entries: Entries = {}
+    at = 0
+    while value and at < len(value):
+        n, t, due = _ENTRY.unpack_from(value, at)
+        at += _ENTRY.size
+        name = value[at : at + n].decode()
+        token = value[at + n : at + n + t].decode()
+        at += n + t
+        entries[name] = (token, due)
+    return entries
 
 
 def wheel_key(owner: bytes, name: str) -> bytes:
