@@ -9,7 +9,7 @@ import secrets
 
 import aiohttp
 
-from bench import baselines, batches, cpu, pipeline, timers
+from bench import baselines, batches, cpu, pipeline, recovery, timers
 from bench.stats import pct, row, summary_ms
 from tests.integration.harness import Deployment, GenericChannel, Services, local_services
 
@@ -100,6 +100,7 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
         dep.stop_all()
     if skip_timers:
         return
+    await restart(services, int(1_000_000 * scale))
 
     print("\n== timers ==", flush=True)
     for n in (100_000, 1_000_000):
@@ -160,16 +161,39 @@ async def projection(services: Services) -> None:
     )
 
 
+async def restart(services: Services, n: int) -> None:
+    """A worker's time to hold n pending actions: from Postgres alone, and after a restart."""
+    print("\n== scheduled actions: worker recovery ==", flush=True)
+    dep = Deployment(services, extra_env={"PARLEY_LOG_LEVEL": "INFO"})
+    await dep.create_database()
+    dep.start("api")  # migrates the database and creates the topics
+    try:
+        async with aiohttp.ClientSession() as http:
+            await dep.wait_api(http)
+        first, again, rss = await recovery.recovery(dep, n)
+        row(f"hold {n:,} pending actions, from Postgres alone", f"{first:,.1f} s")
+        row(f"hold {n:,} pending actions after a restart", f"{again:,.1f} s", "(target: <= 30 s at 1M)")
+        row("  worker RSS holding them", f"{rss:,.0f} MB", f"= {rss * 1e6 / n:,.0f} B per action, all in")
+    finally:
+        dep.stop_all()
+
+
 def main() -> None:
     """Entry point."""
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every count (0.1 = quick)")
     parser.add_argument("--skip-timers", action="store_true", help="skip the timer-wheel micro-benchmark")
     parser.add_argument("--projection-only", action="store_true", help="only the Postgres projection phase")
+    parser.add_argument("--recovery-only", action="store_true", help="only the worker recovery phase")
     args = parser.parse_args()
-    if args.projection_only:
+    if args.projection_only or args.recovery_only:
         with local_services("parley-bench-") as services:
-            asyncio.run(projection(services))
+            phase = (
+                projection(services)
+                if args.projection_only
+                else restart(services, int(1_000_000 * args.scale))
+            )
+            asyncio.run(phase)
         return
     with local_services("parley-bench-") as services:
         print(

@@ -18,13 +18,6 @@ Source = Literal["timer", "sweep"]
 # owner, token, due (ms, see domain.actions.due_ms), fired_at, source -> the event
 Builder = Callable[[str, str, int, datetime, Source], ConversationEvent]
 
-# Names whose table writes may skip the changelog when the due time only moves later. Safe only
-# where a firing that comes early for the current arming re-arms the real one instead of acting:
-# the lifecycle does that for a stale close timer (domain.lifecycle: "stale_timer", re-armed),
-# and the worker puts the real due time back from Postgres after every assignment anyway.
-LAZY_CHANGELOG = frozenset({CLOSE})
-
-
 def timer_event_id(conversation_id: str, version: int, due: int) -> str:
     """The identity of one close-deadline firing; the sweep uses the same one, so repeats dedupe."""
     return f"timer:{conversation_id}:{version}:{due}"

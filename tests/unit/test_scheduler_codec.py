@@ -1,8 +1,8 @@
-"""The scheduler's compact table values, wheel keys, and the lazy-changelog rule."""
+"""The scheduler's compact table values and wheel keys."""
 
 from __future__ import annotations
 
-from agents.scheduler import _lazy_ok, pack, split_wheel_key, unpack, wheel_key
+from agents.scheduler import pack, split_wheel_key, unpack, wheel_key
 from domain.actions import CLOSE, close_token, split_close_token
 
 
@@ -19,12 +19,3 @@ def test_table_values_round_trip_and_stay_small() -> None:
 def test_wheel_keys_split_back_into_owner_and_name() -> None:
     assert split_wheel_key(wheel_key(b"ch/5511", CLOSE)) == (b"ch/5511", CLOSE)
     assert split_close_token(close_token("c-1", 12)) == ("c-1", 12)
-
-
-def test_only_a_later_deadline_of_the_same_conversation_may_skip_the_changelog() -> None:
-    before = (close_token("c-1", 3), 1_000)
-    assert _lazy_ok(CLOSE, before, close_token("c-1", 4), 2_000)
-    assert not _lazy_ok(CLOSE, before, close_token("c-1", 4), 500)  # earlier: must be durable
-    assert not _lazy_ok(CLOSE, before, close_token("c-2", 1), 2_000)  # another conversation
-    assert not _lazy_ok(CLOSE, None, close_token("c-1", 1), 2_000)  # nothing durable yet
-    assert not _lazy_ok("schedule", ("1", 1_000), "2", 2_000)  # not opted in
