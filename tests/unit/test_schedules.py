@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,11 +32,11 @@ T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 KEY = "close:res-1"
 
 
-def spec(at: datetime = T0 + timedelta(hours=1), **kw: object) -> Spec:
-    return Spec(run_at=at, event_type="reservation.pin.generate", payload={"r": 1}, **kw)  # type: ignore[arg-type]
+def spec(at: datetime = T0 + timedelta(hours=1), **kw: Any) -> Spec:
+    return Spec(run_at=at, event_type="reservation.pin.generate", payload={"r": 1}, **kw)
 
 
-def created(**kw: object) -> Schedule:
+def created(**kw: Any) -> Schedule:
     d = decide(None, KEY, Put(spec(**kw)), T0)
     assert d.schedule is not None
     return d.schedule
@@ -46,7 +47,7 @@ def due_of(s: Schedule) -> Due:
     return Due(s.token, due_ms(s.due_at))
 
 
-def fired(**kw: object) -> Schedule:
+def fired(**kw: Any) -> Schedule:
     s = created(**kw)
     d = decide(s, KEY, due_of(s), s.run_at)
     assert d.schedule is not None
