@@ -12,6 +12,7 @@ from agents import deadletters
 from agents.ledger import LedgerPruner
 from agents.lifecycle import LifecycleAgent
 from agents.metrics import serve
+from agents.outbox import OutboxRelay
 from agents.sweep import Sweep
 from streams.settings import Settings
 from streams.topics import Topics
@@ -84,6 +85,9 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     app.task(lifecycle.scheduler.run)
     app.task(sweep.run)
     app.task(pruner.run)
+    outgoing = app.topic(topics.outgoing_events, key_serializer="raw", value_serializer="raw")
+    outbox = OutboxRelay(lifecycle.pool, outgoing)
+    app.task(outbox.run)
 
     async def metrics() -> None:
         def gauges() -> dict[str, float]:
@@ -103,6 +107,7 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_lifecycle_writer_up": 0 if lifecycle.failure else 1,
                 "parley_sweep_skipped_total": sweep.skipped_total,
                 "parley_ledger_pruned_total": pruner.pruned_total,
+                "parley_outbox_published_total": outbox.published,
             }
 
         def health() -> str | None:

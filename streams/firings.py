@@ -12,7 +12,9 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from domain.actions import CLOSE, split_close_token
+from domain.schedules import SCHEDULE
 from streams.records import ConversationEvent, TimerFiredRecord
+from streams.schedules_plan import schedule_firing
 
 Source = Literal["timer", "sweep"]
 # owner, token, due (ms, see domain.actions.due_ms), fired_at, source -> the event
@@ -40,7 +42,7 @@ def close_firing(owner: str, token: str, due: int, fired_at: datetime, source: S
     )
 
 
-FIRINGS: dict[str, Builder] = {CLOSE: close_firing}
+FIRINGS: dict[str, Builder] = {CLOSE: close_firing, SCHEDULE: schedule_firing}
 
 
 def firing(

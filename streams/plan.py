@@ -30,7 +30,9 @@ from domain.lifecycle import (
     transition,
 )
 from domain.policy import LifecyclePolicy
+from domain.schedules import Schedule
 from streams.records import (
+    SCHEDULE_RECORDS,
     AcceptCommand,
     CloseCommand,
     ConversationEvent,
@@ -42,6 +44,7 @@ from streams.records import (
     conversation_id_for,
     occurred_at,
 )
+from streams.schedules_plan import SchedulePlan, SchedulesPlanner
 from streams.topics import thread_key
 
 Thread = tuple[str, str]
@@ -106,23 +109,34 @@ class Plan:
     receipts: list[StatusReceipt] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)  # in order; the last per (owner, name) counts
     emits: list[Emit] = field(default_factory=list)
+    schedules: SchedulePlan = field(default_factory=SchedulePlan)
     applied: int = 0
 
 
 class Planner:
     """Feed events in log order with `add`; `finish` returns the Plan."""
 
-    def __init__(self, current: dict[Thread, Current], policy: LifecyclePolicy) -> None:
+    def __init__(
+        self,
+        current: dict[Thread, Current],
+        policy: LifecyclePolicy,
+        schedules: dict[str, Schedule] | None = None,
+    ) -> None:
         self.policy = policy
         self.current = {thread: c.conversation for thread, c in current.items()}
         self.read_version = {c.conversation.id: c.conversation.version for c in current.values()}
         self.seqs = {thread: c.seq for thread, c in current.items()}
         self.plan = Plan(seq={c.conversation.id: c.seq for c in current.values()})
         self.changed: dict[str, Conversation] = {}
+        self.schedules = SchedulesPlanner(schedules or {}, self.plan.actions)
 
     def add(self, event: ConversationEvent) -> None:
         """Decide one event against the thread's conversation as the batch left it so far."""
         plan = self.plan
+        if isinstance(event, SCHEDULE_RECORDS):
+            self.schedules.add(event)  # user schedules: streams/schedules_plan.py
+            plan.applied += 1
+            return
         if isinstance(event, OutboundMessage):
             plan.outbound.append(event)  # no lifecycle change; stored by streams.receipts
             plan.applied += 1
@@ -220,6 +234,7 @@ class Planner:
     def finish(self) -> Plan:
         """The plan: new conversations, and updates sorted by id (rows locked in one order)."""
         plan = self.plan
+        plan.schedules = self.schedules.finish()
         plan.inserts = [c for cid, c in self.changed.items() if cid not in self.read_version]
         plan.updates = sorted(
             ((c, self.read_version[cid]) for cid, c in self.changed.items() if cid in self.read_version),

@@ -20,7 +20,8 @@ from domain.lifecycle import CloseReason, Conversation, Emit, State
 from domain.policy import LifecyclePolicy
 from streams.plan import Current, Plan, Planner, Thread
 from streams.receipts import apply_receipts
-from streams.records import ConversationEvent
+from streams.records import SCHEDULE_RECORDS, ConversationEvent
+from streams.schedules_db import read_schedules, write_schedules
 from streams.topics import partition_of
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -187,7 +188,7 @@ async def _claim(conn: Conn, events: Sequence[ConversationEvent]) -> list[Conver
 
 
 async def _read_current(conn: Conn, events: Sequence[ConversationEvent]) -> dict[Thread, Current]:
-    threads = sorted({(e.channel_id, e.contact_id) for e in events})
+    threads = sorted({(e.channel_id, e.contact_id) for e in events if not isinstance(e, SCHEDULE_RECORDS)})
     rows = await conn.fetch(_LATEST, [t[0] for t in threads], [t[1] for t in threads])
     return {(r["channel_id"], r["contact_id"]): Current(_conversation(r), r["thread_seq"]) for r in rows}
 
@@ -227,6 +228,8 @@ async def _write(conn: Conn, plan: Plan, partitions: int) -> None:
         await conn.execute(_INSERT_EVENTS, *_columns(plan.audit, 9))
     if plan.outbound or plan.receipts:
         await apply_receipts(conn, plan.outbound, plan.receipts)
+    if plan.schedules and not await write_schedules(conn, plan.schedules):
+        raise StaleVersion("a schedule changed under us")
     if plan.actions:
         await write_actions(conn, plan.actions, partitions)
 
@@ -243,7 +246,8 @@ async def apply_batch(
         result = BatchResult(duplicates=len(events) - len(todo))
         if not todo:
             return result
-        planner = Planner(await _read_current(conn, todo), policy)
+        keys = [e.key for e in todo if isinstance(e, SCHEDULE_RECORDS)]
+        planner = Planner(await _read_current(conn, todo), policy, await read_schedules(conn, keys))
         for i, event in enumerate(todo):
             if i % 100 == 99:
                 await asyncio.sleep(0)  # let the timer loop and the fetcher run between chunks

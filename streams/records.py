@@ -112,8 +112,59 @@ class StatusReceipt(Record):
     received_at: AwareDatetime
 
 
+class SchedulePut(Record):
+    """PUT /v1/schedules/{key}: create or reschedule (run_at resolved by the API; delay_ms kept
+    when the client gave a delay, so the same delay again is the same body)."""
+
+    kind: Literal["schedule.put"] = "schedule.put"
+    event_id: str
+    key: str
+    run_at: AwareDatetime
+    delay_ms: int | None = None
+    event_type: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+    max_attempts: int = 1
+    backoff_ms: int = 2000
+    issued_at: AwareDatetime
+
+
+class ScheduleCommand(Record):
+    """DELETE (cancel), POST .../retry and POST .../result on a schedule."""
+
+    kind: Literal["schedule.cancel", "schedule.retry", "schedule.result"]
+    event_id: str
+    key: str
+    ok: bool | None = None  # result only
+    error: str | None = None  # result only
+    version: int | None = None  # result only: the version the result is for, if the caller says
+    issued_at: AwareDatetime
+
+
+class ScheduleDue(Record):
+    """A schedule's arming came due (timer or sweep); id `schedule:<key>:<token>:<due ms>`."""
+
+    kind: Literal["schedule.due"] = "schedule.due"
+    event_id: str
+    key: str
+    token: str
+    due_at: AwareDatetime
+    fired_at: AwareDatetime
+    source: Literal["timer", "sweep"] = "timer"
+
+
+ScheduleRecord = SchedulePut | ScheduleCommand | ScheduleDue
+SCHEDULE_RECORDS = (SchedulePut, ScheduleCommand, ScheduleDue)
+
 ConversationEvent = Annotated[
-    InboundMessage | CloseCommand | AcceptCommand | TimerFiredRecord | OutboundMessage | StatusReceipt,
+    InboundMessage
+    | CloseCommand
+    | AcceptCommand
+    | TimerFiredRecord
+    | OutboundMessage
+    | StatusReceipt
+    | SchedulePut
+    | ScheduleCommand
+    | ScheduleDue,
     Field(discriminator="kind"),
 ]
 LifecycleEvent = InboundMessage | CloseCommand | AcceptCommand | TimerFiredRecord
@@ -121,7 +172,10 @@ CONVERSATION_EVENT: TypeAdapter[ConversationEvent] = TypeAdapter(ConversationEve
 
 
 def keyed(event: ConversationEvent) -> tuple[bytes, bytes]:
-    """(thread key, JSON value) of a conversation event, ready to produce."""
+    """(thread key, JSON value) of a conversation event, ready to produce (a schedule's events are
+    keyed by its owner key `schedule:<key>`)."""
+    if isinstance(event, SchedulePut | ScheduleCommand | ScheduleDue):
+        return f"schedule:{event.key}".encode(), event.model_dump_json().encode()
     return thread_key(event.channel_id, event.contact_id), event.model_dump_json().encode()
 
 
@@ -129,7 +183,7 @@ def occurred_at(event: ConversationEvent) -> datetime:
     """The event's own time: transitions use it as `now`, so replay is deterministic."""
     if isinstance(event, InboundMessage | StatusReceipt):
         return event.received_at
-    if isinstance(event, TimerFiredRecord):
+    if isinstance(event, TimerFiredRecord | ScheduleDue):
         return event.fired_at
     if isinstance(event, OutboundMessage):
         return event.sent_at

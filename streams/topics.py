@@ -47,13 +47,18 @@ class Topics:
         """Events the pipeline could not process, with their error."""
         return f"{self.prefix}.dead-letters"
 
+    @property
+    def outgoing_events(self) -> str:
+        """Events Parley emits (a schedule fired, ...), published from the outbox table."""
+        return f"{self.prefix}.outgoing-events"
+
     def sources(self) -> list[str]:
         """Topics that are the source of truth for replay (long retention)."""
         return [self.conversation_events]
 
     def all(self) -> list[str]:
         """Every topic the project creates."""
-        return [*self.sources(), self.dead_letters]
+        return [*self.sources(), self.dead_letters, self.outgoing_events]
 
 
 async def ensure_topics(settings: Settings) -> Topics:
@@ -70,7 +75,7 @@ async def ensure_topics(settings: Settings) -> Topics:
                 name,
                 num_partitions=settings.topic_partitions,
                 replication_factor=settings.topic_replication,
-                topic_configs={"retention.ms": retention_ms if name in topics.sources() else "-1"},
+                topic_configs={"retention.ms": "-1" if name == topics.dead_letters else retention_ms},
             )
             for name in topics.all()
             if name not in existing

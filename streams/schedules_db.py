@@ -1,0 +1,169 @@
+"""The IO half of a batch's schedule events: read the schedules, write the SchedulePlan.
+
+Called by streams/projection.py inside the batch's transaction. Every statement is named here
+and takes one parameter array per column: one unnest per statement, joined to its table by
+primary key (never two unnests joined to each other: that shape was quadratic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+
+from domain.schedules import Schedule, Status
+from streams.schedules_plan import SchedulePlan
+
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+RESULTS_CHANNEL = "parley_schedule_results"  # NOTIFY payload: comma-separated command event ids
+_NOTIFY_BYTES = 7900  # Postgres refuses a payload of 8,000 bytes or more
+
+_COLUMNS = (
+    "key, status, version, epoch, run_at, due_at, event_type, payload, max_attempts, backoff_ms,"
+    " delay_ms, attempts, last_error, created_at, updated_at, fired_at, revision"
+)
+_TYPES = (
+    "text text int bigint timestamptz timestamptz text text int bigint bigint int text timestamptz"
+    " timestamptz timestamptz bigint"
+).split()
+_SELECT = "key, status, version, epoch, run_at, due_at, event_type, payload::jsonb, max_attempts, backoff_ms,"
+_SELECT += " delay_ms, attempts, last_error, created_at, updated_at, fired_at, revision"
+
+
+def _unnest(types: Sequence[str]) -> str:
+    return "unnest(" + ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1)) + ")"
+
+
+_READ = f"SELECT {_COLUMNS} FROM schedules WHERE key = ANY($1::text[])"
+_INSERT = f"""
+INSERT INTO schedules ({_COLUMNS})
+SELECT {_SELECT} FROM {_unnest(_TYPES)} AS u({_COLUMNS})
+ON CONFLICT (key) DO NOTHING
+RETURNING key
+"""
+_UPDATE = f"""
+UPDATE schedules s SET
+  status = u.status, version = u.version, epoch = u.epoch, run_at = u.run_at, due_at = u.due_at,
+  event_type = u.event_type, payload = u.payload::jsonb, max_attempts = u.max_attempts,
+  backoff_ms = u.backoff_ms, delay_ms = u.delay_ms, attempts = u.attempts,
+  last_error = u.last_error, updated_at = u.updated_at, fired_at = u.fired_at, revision = u.revision
+FROM {_unnest([*_TYPES, "bigint"])} AS u({_COLUMNS}, expected)
+WHERE s.key = u.key AND s.revision = u.expected
+RETURNING s.key
+"""
+_HISTORY = """
+INSERT INTO schedule_history (key, version, kind, at, detail, event_id)
+SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
+"""
+_RESULTS = """
+INSERT INTO schedule_results (event_id, status, body)
+SELECT r.event_id, r.status, r.body::jsonb
+FROM unnest($1::text[], $2::int[], $3::text[]) AS r(event_id, status, body)
+ON CONFLICT (event_id) DO NOTHING
+"""
+_OUTBOX = """
+INSERT INTO outbox (event_id, type, key, payload, created_at)
+SELECT o.event_id, o.type, o.key, o.payload::jsonb, o.created_at
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) WITH ORDINALITY
+  AS o(event_id, type, key, payload, created_at, n)
+ORDER BY o.n
+ON CONFLICT (event_id) DO NOTHING
+"""
+_NOTIFY = f"SELECT pg_notify('{RESULTS_CHANNEL}', $1)"
+
+
+def schedule_of(row: asyncpg.Record) -> Schedule:
+    """A schedules row as the domain's Schedule."""
+    payload = row["payload"]
+    return Schedule(
+        key=row["key"],
+        status=Status(row["status"]),
+        version=row["version"],
+        epoch=row["epoch"],
+        run_at=row["run_at"],
+        due_at=row["due_at"],
+        event_type=row["event_type"],
+        payload=orjson.loads(payload) if isinstance(payload, str | bytes) else payload,
+        max_attempts=row["max_attempts"],
+        backoff_ms=row["backoff_ms"],
+        delay_ms=row["delay_ms"],
+        attempts=row["attempts"],
+        last_error=row["last_error"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        fired_at=row["fired_at"],
+        revision=row["revision"],
+    )
+
+
+def _row(s: Schedule) -> tuple[Any, ...]:
+    return (
+        s.key,
+        s.status.value,
+        s.version,
+        s.epoch,
+        s.run_at,
+        s.due_at,
+        s.event_type,
+        orjson.dumps(s.payload).decode(),
+        s.max_attempts,
+        s.backoff_ms,
+        s.delay_ms,
+        s.attempts,
+        s.last_error,
+        s.created_at,
+        s.updated_at,
+        s.fired_at,
+        s.revision,
+    )
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+async def read_schedules(conn: Conn, keys: Sequence[str]) -> dict[str, Schedule]:
+    """The current rows of these keys (one `= ANY` probe)."""
+    if not keys:
+        return {}
+    return {r["key"]: schedule_of(r) for r in await conn.fetch(_READ, sorted(set(keys)))}
+
+
+def notify_chunks(ids: Sequence[str], limit: int = _NOTIFY_BYTES) -> Iterator[str]:
+    """Comma-separated ids in payloads under Postgres' NOTIFY limit."""
+    chunk: list[str] = []
+    size = 0
+    for event_id in ids:
+        n = len(event_id.encode()) + 1
+        if chunk and size + n > limit:
+            yield ",".join(chunk)
+            chunk, size = [], 0
+        chunk.append(event_id)
+        size += n
+    if chunk:
+        yield ",".join(chunk)
+
+
+async def write_schedules(conn: Conn, plan: SchedulePlan) -> bool:
+    """Write the plan; False when a schedule changed under us (the batch must be retried)."""
+    if plan.inserts:
+        won = await conn.fetch(_INSERT, *_columns([_row(s) for s in plan.inserts], len(_TYPES)))
+        if len(won) != len(plan.inserts):
+            return False
+    if plan.updates:
+        rows = [(*_row(s), read) for s, read in plan.updates]
+        won = await conn.fetch(_UPDATE, *_columns(rows, len(_TYPES) + 1))
+        if len(won) != len(plan.updates):
+            return False
+    if plan.history:
+        await conn.execute(_HISTORY, *_columns(plan.history, 6))
+    if plan.outbox:
+        await conn.execute(_OUTBOX, *_columns(plan.outbox, 5))
+    if plan.results:
+        await conn.execute(_RESULTS, *_columns(plan.results, 3))
+        for chunk in notify_chunks([r[0] for r in plan.results]):
+            await conn.execute(_NOTIFY, chunk)  # delivered at commit, to every listening API
+    return True
