@@ -20,6 +20,7 @@ Source = Literal["timer", "sweep"]
 # owner, token, due (ms, see domain.actions.due_ms), fired_at, source -> the event
 Builder = Callable[[str, str, int, datetime, Source], ConversationEvent]
 
+
 def timer_event_id(conversation_id: str, version: int, due: int) -> str:
     """The identity of one close-deadline firing; the sweep uses the same one, so repeats dedupe."""
     return f"timer:{conversation_id}:{version}:{due}"
