@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 import faust
+from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from agents.runner import apply_isolating, supervise, with_retries
@@ -86,12 +87,39 @@ class LifecycleAgent:
         self.applied = 0
         self.dead_lettered = 0
         self.parking_failures = 0
+        self._parker: AIOKafkaProducer | None = None  # the dead-letter producer, see dead_letter
         self.failure: BaseException | None = None  # set when the writer died; /healthz says so
         self.stats = BatchStats()
 
     def register(self) -> None:
         """Attach the agent to the app."""
         self.app.agent(self.source, name="lifecycle")(self._run)
+
+        async def close_parker(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+            await self._drop_parker()
+
+        self.app.on_before_shutdown.connect(close_parker)  # type: ignore[arg-type]  # mode types it loosely
+
+    async def _drop_parker(self) -> None:
+        parker, self._parker = self._parker, None
+        if parker is not None:
+            await parker.stop()
+
+    async def _produce_letter(self, key: bytes | None, value: bytes) -> None:
+        # A dedicated idempotent producer: after a record the broker refuses (say, over the dead-
+        # letter topic's max.message.bytes), aiokafka's idempotent producer answers every later
+        # record of that partition with OutOfOrderSequenceNumber. Faust's shared producer would
+        # then be broken for good; this one is dropped and a fresh one (new producer id) tries.
+        if self._parker is None:
+            self._parker = AIOKafkaProducer(
+                bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all", enable_idempotence=True
+            )
+            await self._parker.start()
+        try:
+            await self._parker.send_and_wait(self.topics.dead_letters, value, key=key)
+        except BaseException:
+            await self._drop_parker()
+            raise
 
     async def pool(self) -> asyncpg.Pool:
         """The Postgres pool, opened on first use inside the worker's loop."""
@@ -208,7 +236,7 @@ class LifecycleAgent:
             # A bounded letter always fits in a record, so what remains is the broker being
             # unavailable: retry, holding the partition, until it takes the letter.
             try:
-                await (await self.dead_letters.send(key=msg.key, value=value))
+                await self._produce_letter(msg.key, value)
                 break
             except Exception as exc:  # noqa: BLE001 - any producer failure: retry
                 self.parking_failures += 1
