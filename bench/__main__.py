@@ -233,15 +233,16 @@ def main() -> None:
     parser.add_argument("--skip-timers", action="store_true", help="skip the timer-wheel micro-benchmark")
     parser.add_argument("--projection-only", action="store_true", help="only the Postgres projection phase")
     parser.add_argument("--recovery-only", action="store_true", help="only the worker recovery phase")
+    parser.add_argument("--schedules-only", action="store_true", help="only the schedules phase")
     args = parser.parse_args()
-    if args.projection_only or args.recovery_only:
+    if args.projection_only or args.recovery_only or args.schedules_only:
         with local_services("parley-bench-") as services:
-            phase = (
-                projection(services)
-                if args.projection_only
-                else restart(services, int(1_000_000 * args.scale))
-            )
-            asyncio.run(phase)
+            if args.projection_only:
+                asyncio.run(projection(services))
+            if args.recovery_only:
+                asyncio.run(restart(services, int(1_000_000 * args.scale)))
+            if args.schedules_only:
+                asyncio.run(schedule_phase(services, args.scale))
         return
     with local_services("parley-bench-") as services:
         print(
