@@ -226,6 +226,21 @@ def _arm(s: Schedule) -> Arm:
     return Arm(owner_of(s.key), SCHEDULE, s.due_at, s.token)
 
 
+def _armed_as(spec: Spec) -> dict[str, Any]:
+    """The fields a PUT sets: what, when, the retry policy; armed for run_at, attempts from 0."""
+    return {
+        "run_at": spec.run_at,
+        "event_type": spec.event_type,
+        "payload": spec.payload,
+        "max_attempts": spec.max_attempts,
+        "backoff_ms": spec.backoff_ms,
+        "delay_ms": spec.delay_ms,
+        "attempts": 0,
+        "last_error": None,
+        "due_at": spec.run_at,
+    }
+
+
 def _put(current: Schedule | None, key: str, spec: Spec, now: datetime) -> Decision:
     late = spec.run_at < now
     if current is None:
@@ -234,17 +249,9 @@ def _put(current: Schedule | None, key: str, spec: Spec, now: datetime) -> Decis
             status=Status.SCHEDULED,
             version=1,
             epoch=due_ms(now),
-            run_at=spec.run_at,
-            event_type=spec.event_type,
-            payload=spec.payload,
-            max_attempts=spec.max_attempts,
-            backoff_ms=spec.backoff_ms,
-            delay_ms=spec.delay_ms,
-            attempts=0,
-            last_error=None,
             created_at=now,
             updated_at=now,
-            due_at=spec.run_at,
+            **_armed_as(spec),
         )
         return Decision(
             s, 201, _answer(s, 201, "created", late=late), [_arm(s)], [], [History(1, "created", _run(s))]
@@ -258,17 +265,9 @@ def _put(current: Schedule | None, key: str, spec: Spec, now: datetime) -> Decis
         current,
         status=Status.SCHEDULED,
         version=current.version + 1,
-        run_at=spec.run_at,
-        event_type=spec.event_type,
-        payload=spec.payload,
-        max_attempts=spec.max_attempts,
-        backoff_ms=spec.backoff_ms,
-        delay_ms=spec.delay_ms,
-        attempts=0,
-        last_error=None,
         updated_at=now,
         fired_at=None,
-        due_at=spec.run_at,
+        **_armed_as(spec),
     )
     kind = "restarted" if restarted else "rescheduled"
     return Decision(

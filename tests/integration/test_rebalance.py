@@ -7,12 +7,10 @@ from collections import Counter
 
 import aiohttp
 import asyncpg
-from aiokafka import AIOKafkaProducer
 
-from streams.topics import Topics
 from tests.integration.harness import Deployment, GenericChannel, wait_until
 from tests.integration.lifecycle_helpers import Thread, now, timedelta
-from tests.integration.worker_helpers import firings, metrics
+from tests.integration.worker_helpers import firings, metrics, open_threads
 
 TIMEOUT = 40
 DEPLOYMENT_ENV = {"PARLEY_TIMEOUT_IDLE": str(TIMEOUT), "PARLEY_SWEEP_INTERVAL": "0"}
@@ -24,18 +22,7 @@ async def test_moved_partitions_leave_the_first_worker_and_fire_once(
 ) -> None:
     threads = [Thread(deployment, channel.id) for _ in range(N)]
     start = now()
-    producer = AIOKafkaProducer(bootstrap_servers=deployment.services.bootstrap, acks="all")
-    await producer.start()
-    try:
-        topic = Topics(deployment.name).conversation_events
-        futs = [
-            await producer.send(topic, t.message("oi", start, "m").model_dump_json().encode(), key=t.key)
-            for t in threads
-        ]
-        for fut in futs:
-            await fut
-    finally:
-        await producer.stop()
+    await open_threads(deployment, threads, start)
 
     async def first_holds_all() -> bool:
         return (await metrics(http, deployment)).get("parley_timers_active") == N

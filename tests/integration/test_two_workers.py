@@ -6,35 +6,17 @@ The sweep is off: every close must come from the engine (table, wheel, Postgres 
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime
 
 import aiohttp
 import asyncpg
-from aiokafka import AIOKafkaProducer
 
-from streams.topics import Topics
 from tests.integration.harness import Deployment, GenericChannel, wait_until
 from tests.integration.lifecycle_helpers import Thread, now, timedelta
-from tests.integration.worker_helpers import firings, metrics
+from tests.integration.worker_helpers import firings, metrics, open_threads
 
 TIMEOUT = 30
 DEPLOYMENT_ENV = {"PARLEY_TIMEOUT_IDLE": str(TIMEOUT), "PARLEY_SWEEP_INTERVAL": "0"}
 N = 1000
-
-
-async def _open(deployment: Deployment, threads: list[Thread], at: datetime) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=deployment.services.bootstrap, acks="all", linger_ms=5)
-    await producer.start()
-    try:
-        topic = Topics(deployment.name).conversation_events
-        futs = [
-            await producer.send(topic, t.message("oi", at, "m").model_dump_json().encode(), key=t.key)
-            for t in threads
-        ]
-        for fut in futs:
-            await fut
-    finally:
-        await producer.stop()
 
 
 async def _active(http: aiohttp.ClientSession, workers: list[Deployment]) -> list[float]:
@@ -88,7 +70,7 @@ async def test_kill_9_of_one_of_two_workers_loses_and_doubles_no_action(
         await wait_until(shared, 90, "two workers sharing the 8 partitions")
         threads = [Thread(deployment, channel.id) for _ in range(N)]
         start = now()
-        await _open(deployment, threads, start)
+        await open_threads(deployment, threads, start)
 
         async def pending_on_both() -> list[float] | None:
             active = await _active(http, [deployment, second])
@@ -108,7 +90,7 @@ async def test_kill_9_of_one_of_two_workers_loses_and_doubles_no_action(
         # A clean rebalance: a third worker joins while another N actions are pending.
         more = [Thread(deployment, channel.id) for _ in range(N)]
         start = now()
-        await _open(deployment, more, start)
+        await open_threads(deployment, more, start)
 
         async def survivor_pending() -> bool:
             return (await _active(http, [second]))[0] == N

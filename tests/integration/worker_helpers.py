@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import aiohttp
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from streams.topics import Topics
 from tests.integration.harness import Deployment, wait_until
+from tests.integration.lifecycle_helpers import Thread
 
 
 async def metrics(http: aiohttp.ClientSession, dep: Deployment) -> dict[str, float]:
@@ -47,3 +49,19 @@ async def firings(dep: Deployment) -> list[dict[str, Any]]:
         return out
     finally:
         await consumer.stop()
+
+
+async def open_threads(dep: Deployment, threads: list[Thread], at: datetime) -> None:
+    """One first message per thread, straight onto the topic (acked): a conversation each."""
+    producer = AIOKafkaProducer(bootstrap_servers=dep.services.bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        topic = Topics(dep.name).conversation_events
+        futs = [
+            await producer.send(topic, t.message("oi", at, "m").model_dump_json().encode(), key=t.key)
+            for t in threads
+        ]
+        for fut in futs:
+            await fut
+    finally:
+        await producer.stop()
