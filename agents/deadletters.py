@@ -10,7 +10,6 @@ row carrying the raw letter and the error, so the projection moves on and the op
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ import asyncpg
 import faust
 from pydantic import ValidationError
 
-from agents.runner import is_transient
+from agents.runner import with_retries
 from streams.records import DeadLetter
 
 log = logging.getLogger(__name__)
@@ -128,23 +127,14 @@ async def _insert(pool: Callable[[], Awaitable[asyncpg.Pool]], rows: Sequence[tu
 async def _attempt(
     pool: Callable[[], Awaitable[asyncpg.Pool]], rows: Sequence[tuple[Any, ...]], retries: int
 ) -> BaseException | None:
-    """Insert rows: transient failures retried without limit, others `retries` times; returns
-    the last non-transient error, or None once written."""
-    failures = 0
-    delay = 0.1
-    while True:
-        try:
-            await _insert(pool, rows)
-            return None
-        except Exception as exc:  # noqa: BLE001 - classified below; nothing is acked meanwhile
-            if not is_transient(exc):
-                failures += 1
-                if failures > retries:
-                    return exc
-            level = logging.WARNING if is_transient(exc) else logging.ERROR
-            log.log(level, "dead letters: projecting %d failed (%s); retrying", len(rows), exc)
-            await asyncio.sleep(delay)  # backoff between retries
-            delay = min(delay * 2, 10.0)
+    """Insert rows with the runner's retries (transient failures without limit, others `retries`
+    times); returns the last non-transient error, or None once written."""
+    try:
+        what = f"dead letters: projecting {len(rows)}"  # operators grep for this
+        await with_retries(lambda: _insert(pool, rows), retries=retries, what=what)
+    except Exception as exc:  # noqa: BLE001 - the caller decides: split, or a placeholder row
+        return exc
+    return None
 
 
 async def _write(batch: Sequence[Any], pool: Callable[[], Awaitable[asyncpg.Pool]], retries: int) -> None:

@@ -12,6 +12,7 @@ import asyncpg
 
 from tests.integration.harness import Deployment, GenericChannel, wait_until
 from tests.integration.lifecycle_helpers import Thread, now, timedelta
+from tests.integration.schedule_helpers import call, outgoing
 from tests.integration.worker_helpers import firings, metrics, open_threads
 
 TIMEOUT = 30
@@ -108,3 +109,68 @@ async def test_kill_9_of_one_of_two_workers_loses_and_doubles_no_action(
     finally:
         second.stop_all()
         third.stop_all()
+
+
+async def test_user_schedules_survive_a_kill_9_of_one_of_two_workers(
+    http: aiohttp.ClientSession, deployment: Deployment, db: asyncpg.Connection
+) -> None:
+    """The same engine for user schedules: their owner keys (schedule:<key>) spread over both
+    workers' partitions; one is killed with -9 while they are pending; each fires once, on time."""
+    second = Deployment(deployment.services, name=deployment.name, extra_env=deployment.extra_env)
+    if "worker" not in deployment.processes:  # the previous test killed this module's first worker
+        deployment.start("worker")
+    second.start("worker")
+    try:
+
+        async def shared() -> bool:
+            a, b = await metrics(http, deployment), await metrics(http, second)
+            pa, pb = a.get("parley_partitions_assigned", 0), b.get("parley_partitions_assigned", 0)
+            return pa > 0 and pb > 0 and pa + pb == 8
+
+        await wait_until(shared, 90, "two workers sharing the 8 partitions")
+        run = now().strftime("%H%M%S")
+        keys = [f"pin:{run}:{i}" for i in range(N)]
+        due = now() + timedelta(seconds=TIMEOUT)
+        items = [
+            {"key": k, "run_at": due.isoformat(), "event_type": "pin.generate", "payload": {}} for k in keys
+        ]
+        code, answer = await call(http, deployment, "POST", "/v1/schedules:batch", {"items": items})
+        assert code == 200 and {a["code"] for a in answer["items"]} == {201}, answer
+
+        async def pending_on_both() -> list[float] | None:
+            active = await _active(http, [deployment, second])
+            return active if sum(active) >= N and min(active) > 0 else None
+
+        await wait_until(pending_on_both, 60, f"{N} schedules pending on both workers")
+        deployment.kill("worker")
+        assert now() < due, "killed too late: the schedules had fired"
+
+        async def all_fired() -> bool:
+            n: int = await db.fetchval(
+                "SELECT count(*) FROM schedules WHERE key = ANY($1::text[]) AND status = 'fired'", keys
+            )
+            return n == N
+
+        await wait_until(all_fired, 120, f"all {N} schedules to fire")
+        early = await db.fetchval(
+            "SELECT count(*) FROM schedules WHERE key = ANY($1::text[]) AND fired_at < run_at", keys
+        )
+        assert early == 0
+
+        async def all_published() -> bool:  # the outbox relay publishes after the firing commits
+            n: int = await db.fetchval(
+                "SELECT count(*) FROM outbox WHERE key = ANY($1::text[]) AND type = 'schedule.fired'"
+                " AND published_at IS NOT NULL",
+                keys,
+            )
+            return n >= N
+
+        await wait_until(all_published, 60, "every schedule.fired published")
+        fired = Counter(
+            e["id"]
+            for e in await outgoing(deployment)
+            if e["type"] == "schedule.fired" and e["_key"] in set(keys)
+        )
+        assert len(fired) == N  # one firing identity per schedule (a relay repeat carries the same id)
+    finally:
+        second.stop_all()
