@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter
 
-from api.context import CONTEXT, error
+from api.context import CONTEXT, error, validated_body
 from api.ingress import KafkaUnavailable
 from channels import normalize
 from domain.lifecycle import CloseReason
@@ -44,20 +44,6 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
         if not token or given is None or not hmac.compare_digest(given.encode(), token.encode()):
             return error(401, "missing or wrong bearer token")
     return await handler(request)
-
-
-async def _body(request: web.Request, adapter: TypeAdapter[M]) -> M | web.Response:
-    try:
-        parsed = normalize.load_json(await request.read())
-    except normalize.IngressError as exc:
-        return error(exc.status, str(exc))
-    if normalize.has_nul(parsed):
-        return error(422, "strings must not contain NUL (\\u0000): it cannot be stored")
-    try:
-        return adapter.validate_python(parsed)
-    except ValidationError as exc:
-        details = exc.errors(include_url=False, include_context=False, include_input=False)
-        return error(422, f"body does not match {exc.title}", details=details)
 
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -195,7 +181,7 @@ async def _command(
 @routes.post("/v1/conversations/{id}/close")
 async def close_conversation(request: web.Request) -> web.Response:
     """Ask to close; the lifecycle agent decides in order with everything else (202)."""
-    body = await _body(request, CLOSE_IN)
+    body = await validated_body(request, CLOSE_IN)
     if isinstance(body, web.Response):
         return body
     if not body.reason.is_explicit:
@@ -218,7 +204,7 @@ async def close_conversation(request: web.Request) -> web.Response:
 @routes.post("/v1/conversations/{id}/accept")
 async def accept_conversation(request: web.Request) -> web.Response:
     """An agent takes the conversation (-> processing), through the event log (202)."""
-    body = await _body(request, ACCEPT_IN)
+    body = await validated_body(request, ACCEPT_IN)
     if isinstance(body, web.Response):
         return body
     return await _command(
@@ -238,7 +224,7 @@ async def accept_conversation(request: web.Request) -> web.Response:
 @routes.post("/v1/conversations/{id}/messages")
 async def record_outbound(request: web.Request) -> web.Response:
     """Record a message the business sent, so its delivery receipts have something to update (202)."""
-    body = await _body(request, OUTBOUND_IN)
+    body = await validated_body(request, OUTBOUND_IN)
     if isinstance(body, web.Response):
         return body
     # Already idempotent by the provider's message id; an Idempotency-Key is validated but the id

@@ -9,13 +9,11 @@ webhooks; `revoke_previous` ends every grace period at once.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from api.context import CONTEXT, error
+from api.context import CONTEXT, error, validated_body
 from channels.config import CHANNEL_IN
 from streams.channel_secrets import SECRET_FIELDS, rotate
 from streams.store import DuplicateChannel
@@ -39,20 +37,10 @@ class ChannelPatch(BaseModel):
 CHANNEL_PATCH = TypeAdapter(ChannelPatch)
 
 
-def _json(raw: bytes, adapter: TypeAdapter[Any]) -> Any:
-    try:
-        return adapter.validate_python(orjson.loads(raw))
-    except orjson.JSONDecodeError as exc:
-        return error(400, f"body is not valid JSON: {exc}")
-    except ValidationError as exc:
-        details = exc.errors(include_url=False, include_context=False, include_input=False)
-        return error(422, f"body does not match {exc.title}", details=details)
-
-
 @routes.post("/v1/channels")
 async def create_channel(request: web.Request) -> web.Response:
     """Register a channel; its secrets are sealed and never shown again."""
-    body = _json(await request.read(), CHANNEL_IN)
+    body = await validated_body(request, CHANNEL_IN)
     if isinstance(body, web.Response):
         return body
     ctx = request.app[CONTEXT]
@@ -84,7 +72,7 @@ async def get_channel(request: web.Request) -> web.Response:
 async def patch_channel(request: web.Request) -> web.Response:
     """Rotate a channel's secrets; every API process sees the change at once (200)."""
     ctx = request.app[CONTEXT]
-    body = _json(await request.read(), CHANNEL_PATCH)
+    body = await validated_body(request, CHANNEL_PATCH)
     if isinstance(body, web.Response):
         return body
     channel_id = request.match_info["id"]

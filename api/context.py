@@ -8,12 +8,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from aiohttp import web
+from pydantic import TypeAdapter, ValidationError
 
 from api.ingress import Ingress
+from channels import normalize
 from streams.channel_secrets import Channel
 from streams.settings import Settings
 from streams.store import Store, match_secret
@@ -165,3 +167,30 @@ CONTEXT: web.AppKey[Context] = web.AppKey("parley_context", Context)
 def error(status: int, message: str, **extra: Any) -> web.Response:
     """A JSON error response with a human-readable reason."""
     return web.json_response({"error": message, **extra}, status=status)
+
+
+M = TypeVar("M")
+
+
+async def json_body(request: web.Request) -> Any:
+    """The JSON body of a request to our own API, or the 4xx answering it: bad JSON (400), deeper
+    than the ingress limit or holding NUL (422: it could not be stored)."""
+    try:
+        parsed = normalize.load_json(await request.read())
+    except normalize.IngressError as exc:
+        return error(exc.status, str(exc))
+    if normalize.has_nul(parsed):
+        return error(422, "strings must not contain NUL (\\u0000): it cannot be stored")
+    return parsed
+
+
+async def validated_body(request: web.Request, adapter: TypeAdapter[M]) -> M | web.Response:
+    """json_body validated by `adapter`, or the 4xx (422 with the failing fields)."""
+    parsed = await json_body(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    try:
+        return adapter.validate_python(parsed)
+    except ValidationError as exc:
+        details = exc.errors(include_url=False, include_context=False, include_input=False)
+        return error(422, f"body does not match {exc.title}", details=details)

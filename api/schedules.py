@@ -27,7 +27,7 @@ from aiohttp import web
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from api.admin import IDEMPOTENCY_HEADER, _idempotency_key
-from api.context import CONTEXT, error
+from api.context import CONTEXT, error, json_body
 from api.ingress import KafkaUnavailable
 from channels import normalize
 from domain.schedules import FINAL, KEY_PATTERN, Status, view
@@ -237,16 +237,6 @@ def _parse_put(raw: Any) -> ScheduleIn:
     return body
 
 
-async def _load(request: web.Request) -> Any:
-    try:
-        parsed = normalize.load_json(await request.read())
-    except normalize.IngressError as exc:
-        return error(exc.status, str(exc))
-    if normalize.has_nul(parsed):
-        return error(422, "strings must not contain NUL (\\u0000): it cannot be stored")
-    return parsed
-
-
 async def _submit(request: web.Request, records: Sequence[SchedulePut | ScheduleCommand]) -> list[Any]:
     """Produce the commands and wait for every answer: (status, body) per record, or a Response."""
     ctx = request.app[CONTEXT]
@@ -305,7 +295,7 @@ async def put_schedule(request: web.Request) -> web.Response:
     idem = _idempotency_key(request)
     if isinstance(idem, web.Response):
         return idem
-    raw = await _load(request)
+    raw = await json_body(request)
     if isinstance(raw, web.Response):
         return raw
     try:
@@ -353,7 +343,7 @@ async def retry_schedule(request: web.Request) -> web.Response:
 @routes.post("/v1/schedules/{key}/result")
 async def report_result(request: web.Request) -> web.Response:
     """The consumer of a fired event reports `{"ok": true}` or `{"ok": false, "error": "..."}`."""
-    raw = await _load(request)
+    raw = await json_body(request)
     if isinstance(raw, web.Response):
         return raw
     try:
@@ -370,7 +360,7 @@ async def batch_put(request: web.Request) -> web.Response:
     idem = _idempotency_key(request)
     if isinstance(idem, web.Response):
         return idem
-    raw = await _load(request)
+    raw = await json_body(request)
     if isinstance(raw, web.Response):
         return raw
     items = raw.get("items") if isinstance(raw, dict) else None
