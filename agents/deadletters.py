@@ -39,8 +39,12 @@ def _text(value: str | None) -> str | None:
     return None if value is None else value.replace("\x00", "\\x00")
 
 
+def _textual(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(_text(v) if isinstance(v, str) else v for v in row)
+
+
 def _row(event: Any) -> tuple[Any, ...]:
-    return tuple(_text(v) if isinstance(v, str) else v for v in _raw_row(event))
+    return _textual(_raw_row(event))
 
 
 def _raw_row(event: Any) -> tuple[Any, ...]:
@@ -49,21 +53,7 @@ def _raw_row(event: Any) -> tuple[Any, ...]:
         letter = DeadLetter.model_validate_json(msg.value)
     except ValidationError as exc:
         # Not written by Parley (or corrupted): keep it visible rather than drop it.
-        raw = bytes(msg.value or b"").decode(errors="replace")
-        return (
-            msg.partition,
-            msg.offset,
-            "unknown",
-            -1,
-            -1,
-            None,
-            raw,
-            f"unreadable letter: {exc}",
-            0,
-            msg.timestamp and _ts(msg.timestamp),
-            len(msg.value or b""),
-            False,
-        )
+        return _raw_letter_row(msg, f"unreadable letter: {exc}", None, msg.timestamp and _ts(msg.timestamp))
     return (
         msg.partition,
         msg.offset,
@@ -84,9 +74,8 @@ def _ts(ms: float) -> Any:
     return datetime.fromtimestamp(ms, UTC)
 
 
-def _placeholder(event: Any, exc: BaseException) -> tuple[Any, ...]:
-    """A row that always fits: the raw letter and why its own row could not be written."""
-    msg = event.message
+def _raw_letter_row(msg: Any, error: str, key: str | None, failed_at: Any) -> tuple[Any, ...]:
+    """A row for a letter kept as its raw bytes (source unknown), with why."""
     raw = bytes(msg.value or b"").decode(errors="replace")
     return (
         msg.partition,
@@ -94,14 +83,22 @@ def _placeholder(event: Any, exc: BaseException) -> tuple[Any, ...]:
         "unknown",
         -1,
         -1,
-        _text(msg.key.decode(errors="replace")) if msg.key else None,
-        _text(raw),
-        _text(f"letter could not be projected ({type(exc).__name__}: {exc}); value is the raw letter"),
+        key,
+        raw,
+        error,
         0,
-        datetime.now(UTC),
+        failed_at,
         len(msg.value or b""),
         False,
     )
+
+
+def _placeholder(event: Any, exc: BaseException) -> tuple[Any, ...]:
+    """A row that always fits: the raw letter and why its own row could not be written."""
+    msg = event.message
+    key = msg.key.decode(errors="replace") if msg.key else None
+    error = f"letter could not be projected ({type(exc).__name__}: {exc}); value is the raw letter"
+    return _textual(_raw_letter_row(msg, error, key, datetime.now(UTC)))
 
 
 def register(

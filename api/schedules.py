@@ -194,9 +194,11 @@ def _details(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[dict[st
     return [{**e, "loc": [*prefix, *e["loc"]]} for e in errors]
 
 
-def _bad_key(key: str) -> web.Response | None:
+def _key(request: web.Request) -> str | web.Response:
+    """The schedule key of the route, or the 422 answering a bad one."""
+    key = request.match_info["key"]
     if KEY_PATTERN.fullmatch(key):
-        return None
+        return key
     return error(
         422,
         "key must be 1 to 200 characters of A-Z a-z 0-9 . _ : -",
@@ -288,10 +290,9 @@ def _respond(answer: Any) -> web.Response:
 @routes.put("/v1/schedules/{key}")
 async def put_schedule(request: web.Request) -> web.Response:
     """Create (201) or reschedule (200) a schedule; the same body again: 200 "unchanged"."""
-    key = request.match_info["key"]
-    bad = _bad_key(key)
-    if bad is not None:
-        return bad
+    key = _key(request)
+    if isinstance(key, web.Response):
+        return key
     idem = _idempotency_key(request)
     if isinstance(idem, web.Response):
         return idem
@@ -310,10 +311,9 @@ async def put_schedule(request: web.Request) -> web.Response:
 
 
 async def _command(request: web.Request, kind: str, **fields: Any) -> web.Response:
-    key = request.match_info["key"]
-    bad = _bad_key(key)
-    if bad is not None:
-        return bad
+    key = _key(request)
+    if isinstance(key, web.Response):
+        return key
     idem = _idempotency_key(request)
     if isinstance(idem, web.Response):
         return idem
@@ -407,10 +407,9 @@ async def batch_put(request: web.Request) -> web.Response:
 @routes.get("/v1/schedules/{key}")
 async def get_schedule(request: web.Request) -> web.Response:
     """A schedule: status, attempts, last error, and its history."""
-    key = request.match_info["key"]
-    bad = _bad_key(key)
-    if bad is not None:
-        return bad
+    key = _key(request)
+    if isinstance(key, web.Response):
+        return key
     pool = request.app[CONTEXT].store.pool
     row = await pool.fetchrow("SELECT * FROM schedules WHERE key = $1", key)
     if row is None:
