@@ -14,6 +14,7 @@ from agents.lifecycle import LifecycleAgent
 from agents.metrics import serve
 from agents.outbox import OutboxRelay
 from agents.sweep import Sweep
+from agents.webhooks import WebhookAgent
 from streams.settings import Settings
 from streams.topics import Topics
 
@@ -88,6 +89,9 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     outgoing = app.topic(topics.outgoing_events, key_serializer="raw", value_serializer="raw")
     outbox = OutboxRelay(lifecycle.pool, outgoing)
     app.task(outbox.run)
+    webhooks = WebhookAgent(app, settings, outgoing, lifecycle.pool, lifecycle.dead_letter, lifecycle.fatal)
+    webhooks.register()
+    dispatcher = webhooks.dispatcher
 
     async def metrics() -> None:
         def gauges() -> dict[str, float]:
@@ -108,6 +112,12 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_sweep_skipped_total": sweep.skipped_total,
                 "parley_ledger_pruned_total": pruner.pruned_total,
                 "parley_outbox_published_total": outbox.published,
+                "parley_webhook_deliveries_created_total": webhooks.fanned_out,
+                "parley_webhook_delivered_total": dispatcher.delivered,
+                "parley_webhook_failed_attempts_total": dispatcher.failed_attempts,
+                "parley_webhook_parked_total": dispatcher.parked,
+                "parley_webhook_pending": len(dispatcher.known),
+                "parley_webhook_in_flight": sum(dispatcher.inflight.values()),
             }
 
         def health() -> str | None:

@@ -22,7 +22,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from agents.runner import apply_isolating, supervise, with_retries
+from agents.runner import apply_isolating, consume_in_batches, with_retries
 from agents.scheduler import Scheduler
 from streams.projection import BatchResult, apply_batch
 from streams.records import CONVERSATION_EVENT, ConversationEvent, DeadLetter
@@ -129,49 +129,17 @@ class LifecycleAgent:
             return self._pool
 
     async def _run(self, stream: faust.StreamT[bytes]) -> None:
-        # Opportunistic batching: while one batch is written, the next accumulates, so batches
-        # grow with load and an idle worker writes a lone event at once (no fixed linger).
         # Acks are manual and happen only after the batch is safely in Postgres or parked.
-        manual = stream.noack()  # type: ignore[attr-defined]  # on faust.Stream, not on StreamT
-        pending: list[Any] = []
-        ready = asyncio.Event()
-        room = asyncio.Event()
-        room.set()
-        limit = self.settings.worker_batch_size
-        linger = self.settings.worker_linger.total_seconds()
-
-        async def writer() -> None:
-            while True:
-                await ready.wait()
-                if len(pending) < limit and linger > 0:
-                    # Give the consumer a moment to deliver more: a batch of one costs nearly
-                    # as much as a batch of a hundred, and tiny batches starve the consumer.
-                    await asyncio.sleep(linger)  # batching window, not synchronisation
-                batch = pending[:limit]
-                del pending[:limit]
-                if not pending:
-                    ready.clear()
-                room.set()
-                started = time.perf_counter()
-                await self.handle(batch)
-                for event in batch:
-                    await manual.ack(event)
-                self.stats.observe(len(batch), time.perf_counter() - started)
-
-        task = asyncio.create_task(writer())
-        supervise(task, "lifecycle writer", self.fatal)
-        try:
-            async for event in manual.events():
-                self.stats.arrived(time.time() - event.message.timestamp)
-                pending.append(event)
-                ready.set()
-                if len(pending) >= 2 * limit:
-                    room.clear()
-                    await room.wait()  # backpressure: the writer is behind by two batches
-                if task.done():
-                    break  # the writer died (see fatal): stop consuming, the worker is stopping
-        finally:
-            task.cancel()
+        await consume_in_batches(
+            stream,
+            limit=self.settings.worker_batch_size,
+            linger=self.settings.worker_linger.total_seconds(),
+            handle=self.handle,
+            name="lifecycle writer",
+            on_fatal=self.fatal,
+            arrived=lambda event: self.stats.arrived(time.time() - event.message.timestamp),
+            handled=self.stats.observe,
+        )
 
     def fatal(self, exc: BaseException) -> None:
         """The writer died: report it on /healthz and stop the worker, so that it leaves the

@@ -7,7 +7,16 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import admin, channels, dashboard, deadletters, providers_routes, schedules, webhooks
+from api import (
+    admin,
+    channels,
+    dashboard,
+    deadletters,
+    providers_routes,
+    schedules,
+    webhook_endpoints,
+    webhooks,
+)
 from api.context import CONTEXT, ChannelCache, Context
 from api.health import Readiness
 from api.ingress import Ingress
@@ -53,6 +62,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(deadletters.routes)
     app.add_routes(providers_routes.routes)
     app.add_routes(schedules.routes)
+    app.add_routes(webhook_endpoints.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)
@@ -74,4 +84,5 @@ def create_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(resources)
     app.cleanup_ctx.append(schedules.answers_ctx)  # after resources: it uses CONTEXT
+    app.cleanup_ctx.append(webhook_endpoints.sender_ctx)
     return app

@@ -84,7 +84,25 @@ class Settings(BaseSettings):
     ledger_prune_margin: Duration = timedelta(days=1)
     ledger_prune_interval: Duration = timedelta(hours=1)
 
+    # Outgoing webhooks (api/webhook_endpoints.py, agents/webhooks.py)
+    outbound_allow_http: bool = False  # endpoints must be https unless this is true
+    outbound_allow_private: bool = False  # loopback/private/link-local targets (demos, tests)
+    # seconds before attempt 1, 2, ... (Standard Webhooks / Svix: now, 5 s, 5 min, 30 min, 2 h,
+    # 5 h, 10 h, 10 h); each delay gets up to +10% jitter; after the last the delivery is parked
+    webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
+    webhook_timeout: Duration = timedelta(seconds=10)  # connect + read, per attempt
+    webhook_retry_after_cap: Duration = timedelta(hours=1)  # a longer Retry-After is cut to this
+    webhook_concurrency: int = Field(16, ge=1)  # requests in flight per endpoint per worker
+    webhook_disable_after: Duration = timedelta(days=5)  # failing every attempt this long: disabled
+    webhook_secret_overlap: Duration = timedelta(hours=24)  # a rotated-out secret keeps signing
     log_level: str = "INFO"
+
+    def retry_schedule(self) -> tuple[float, ...]:
+        """PARLEY_WEBHOOK_RETRY_SCHEDULE as seconds; ValueError if malformed or empty."""
+        delays = tuple(float(part) for part in self.webhook_retry_schedule.split(",") if part.strip())
+        if not delays or any(d < 0 for d in delays):
+            raise ValueError("PARLEY_WEBHOOK_RETRY_SCHEDULE: comma-separated seconds >= 0, at least one")
+        return delays
 
     def policy(self) -> LifecyclePolicy:
         """The domain's lifecycle policy built from these settings."""

@@ -75,7 +75,8 @@ class Store:
         self.pool = pool
         self.sealer = sealer
 
-    def _sealer(self) -> Sealer:
+    def require_sealer(self) -> Sealer:
+        """The sealer of stored secrets (channels, webhook endpoints); SecretsKeyError without one."""
         if self.sealer is None:
             raise SecretsKeyError("channel secrets need PARLEY_SECRETS_KEY")
         return self.sealer
@@ -83,16 +84,16 @@ class Store:
     def _channel(self, row: asyncpg.Record) -> Channel:
         public, secrets = split(row["provider"], row["config"])  # rows from before sealing
         if row["sealed"] is not None:
-            secrets = from_json(self._sealer().open(row["sealed"]))
+            secrets = from_json(self.require_sealer().open(row["sealed"]))
         return Channel(row["id"], row["provider"], row["created_at"], public, secrets)
 
     def _row(self, channel: Channel) -> tuple[dict[str, Any], str]:
-        return channel.public, self._sealer().seal(to_json(channel.secrets))
+        return channel.public, self.require_sealer().seal(to_json(channel.secrets))
 
     async def create_channel(self, channel_id: str, provider: str, config: dict[str, Any]) -> datetime:
         """Register a channel, secrets sealed; raises DuplicateChannel if the id is taken."""
         public, secrets = split(provider, config)
-        sealed = self._sealer().seal(to_json(secrets))
+        sealed = self.require_sealer().seal(to_json(secrets))
         try:
             created: datetime = await self.pool.fetchval(
                 "INSERT INTO channels (id, provider, config, sealed) VALUES ($1, $2, $3, $4)"
@@ -173,7 +174,7 @@ class Store:
     async def reseal_channels(self) -> tuple[int, int]:
         """Seal rows still in clear and re-encrypt every sealed row under the first key, in one
         transaction; returns (sealed from clear, re-encrypted)."""
-        sealer = self._sealer()
+        sealer = self.require_sealer()
         from_clear = resealed = 0
         async with self.pool.acquire() as conn, conn.transaction():
             for row in await conn.fetch(f"SELECT {_CHANNEL} FROM channels ORDER BY id FOR UPDATE"):

@@ -26,7 +26,7 @@ async def call(
         json=body,
         headers={**dep.admin_headers(), **(headers or {})},
     ) as r:
-        return r.status, await r.json()
+        return r.status, None if r.status == 204 else await r.json()
 
 
 async def outgoing(dep: Deployment) -> list[dict[str, Any]]:

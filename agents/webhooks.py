@@ -1,0 +1,493 @@
+"""Outgoing webhooks: <prefix>.outgoing-events -> every subscribed endpoint, signed, retried, in order.
+
+Two parts, so that no endpoint can hold anything else back:
+
+- The fan-out agent consumes outgoing-events (keyed like the conversation topic: one partition
+  holds a conversation's events in log order). Per batch it stores one delivery per (subscribed
+  endpoint, event) in Postgres, hands the new ones to the dispatcher and acks. It never waits
+  for an HTTP request, so a slow endpoint cannot delay it, the lifecycle agent or ingestion.
+- The dispatcher sends. Deliveries of one endpoint and one event key (a conversation) form a
+  lane, sent one at a time in log order: a later event goes only after the earlier one was
+  delivered or given up (parked). Lanes are independent, and each endpoint has its own bound on
+  requests in flight, so a dead endpoint only ever waits on itself. A failed attempt puts its
+  lane on the timer wheel (domain/timer_wheel.py, the engine's index) until its next attempt;
+  the due time is stored with the attempt's outcome, in one group-committed transaction, before
+  the lane moves on.
+
+Kill -9: the deliveries and their next-attempt times are in Postgres, so a restarted worker (or
+the one that takes the partitions over) reloads its partitions' pending deliveries and carries
+on. An attempt whose outcome was not stored yet is made again, with the same `webhook-id`: at
+least once, in order, duplicates only with the same id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import faust
+import orjson
+
+from agents.runner import consume_in_batches
+from agents.scheduler import owned_partitions
+from agents.webhook_client import WebhookSender
+from domain.timer_wheel import TimerWheel
+from domain.webhooks import Outcome, after_attempt
+from streams import webhooks_db as db
+from streams.channel_secrets import Sealer
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LaneKey = tuple[str, str]  # (endpoint id, event key)
+Pool = Callable[[], Awaitable[asyncpg.Pool]]
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+async def _forever(call: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """Retry a Postgres call until it passes: a delivery's state must not be lost."""
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except Exception as exc:  # noqa: BLE001 - keep trying; nothing is acked meanwhile
+            log.warning(
+                "webhooks: %s failed (%s: %s); retrying in %.2fs", what, type(exc).__name__, exc, delay
+            )
+            await asyncio.sleep(delay)  # backoff between retries, not synchronisation
+            delay = min(delay * 2, 5.0)
+
+
+class Endpoints:
+    """Every endpoint with its signing keys; reloaded when NOTIFY says one changed."""
+
+    def __init__(self, pool: Pool, secrets_key: str) -> None:
+        self.pool = pool
+        self.secrets_key = secrets_key
+        self._sealer: Sealer | None = None
+        self.by_id: dict[str, db.Endpoint] = {}
+        self.stale = True
+        self.loaded_at = 0.0
+        self.on_change: Callable[[], None] | None = None
+
+    def sealer(self) -> Sealer:
+        """Opens the secrets (PARLEY_SECRETS_KEY); needed only once an endpoint exists."""
+        if self._sealer is None:
+            self._sealer = Sealer(self.secrets_key)
+        return self._sealer
+
+    def invalidate(self) -> None:
+        """Reload before the next use."""
+        self.stale = True
+
+    async def current(self) -> dict[str, db.Endpoint]:
+        """The endpoints, fresh: reloaded if one changed, and at least every 30 s (rotated-out
+        secrets stop signing on time)."""
+        if self.stale or time.monotonic() - self.loaded_at > 30:
+            self.stale = False  # a NOTIFY during the load makes it stale again
+            pool = await self.pool()
+            async with pool.acquire() as conn:
+                self.by_id = await db.all_endpoints(conn, self.sealer, datetime.now(UTC))
+            self.loaded_at = time.monotonic()
+            if self.on_change is not None:
+                self.on_change()
+        return self.by_id
+
+
+@dataclass
+class Lane:
+    """One endpoint's deliveries of one event key, in log order; the head is sent next."""
+
+    partition: int
+    queue: list[tuple[int, int, db.Delivery]] = field(default_factory=list)  # (seq, id, delivery)
+    state: str = "idle"  # idle | ready | sending | waiting (a retry on the wheel) | dormant (endpoint off)
+
+
+class Dispatcher:
+    """Sends the pending deliveries of this worker's partitions, lane by lane."""
+
+    def __init__(self, pool: Pool, endpoints: Endpoints, sender: WebhookSender, settings: Settings) -> None:
+        self.pool = pool
+        self.endpoints = endpoints
+        self.sender = sender
+        self.schedule = settings.retry_schedule()
+        self.disable_after = settings.webhook_disable_after
+        self.concurrency = settings.webhook_concurrency
+        self.lanes: dict[LaneKey, Lane] = {}
+        self.known: set[int] = set()  # delivery ids held in a lane
+        self.ready: dict[str, deque[LaneKey]] = {}
+        self.inflight: dict[str, int] = {}
+        self.sending: dict[LaneKey, asyncio.Task[None]] = {}
+        self.wheel: TimerWheel[LaneKey] = TimerWheel(int(time.time() * 1000))
+        self.failing: dict[str, datetime | None] = {}  # endpoint -> failing since (what Postgres has)
+        self._wake = asyncio.Event()
+        self._finished: set[int] | None = None  # ids finished while a reload reads
+        self._reloading = asyncio.Lock()
+        self._results: list[tuple[db.Result, asyncio.Future[None]]] = []
+        self._results_ready = asyncio.Event()
+        self.delivered = 0
+        self.failed_attempts = 0
+        self.parked = 0
+        endpoints.on_change = self._endpoints_changed
+
+    # -- feeding -----------------------------------------------------------------------------
+
+    def add(self, deliveries: Iterable[db.Delivery]) -> None:
+        """Take pending deliveries (new from the fan-out, or reloaded from Postgres)."""
+        now = int(time.time() * 1000)
+        for d in deliveries:
+            if d.id in self.known or (self._finished is not None and d.id in self._finished):
+                continue
+            self.known.add(d.id)
+            key = (d.endpoint_id, d.lane)
+            lane = self.lanes.get(key)
+            if lane is None:
+                lane = self.lanes[key] = Lane(d.partition)
+            bisect.insort(lane.queue, (d.seq, d.id, d))
+            if lane.state == "idle":
+                due = _ms(d.next_attempt_at) if d.next_attempt_at else now
+                if due > now:
+                    lane.state = "waiting"
+                    self.wheel.schedule(key, due)
+                else:
+                    self._make_ready(key, lane)
+        self._wake.set()
+
+    def _make_ready(self, key: LaneKey, lane: Lane) -> None:
+        lane.state = "ready"
+        self.ready.setdefault(key[0], deque()).append(key)
+
+    def _endpoints_changed(self) -> None:
+        # Re-enabled endpoints: their dormant lanes go again. Deleted ones: their lanes go away.
+        for key, lane in list(self.lanes.items()):
+            ep = self.endpoints.by_id.get(key[0])
+            if ep is None and lane.state != "sending":
+                self._drop(key)
+            elif ep is not None and ep.enabled and lane.state == "dormant":
+                self._make_ready(key, lane)
+        self._wake.set()
+
+    def _drop(self, key: LaneKey) -> None:
+        lane = self.lanes.pop(key, None)
+        if lane is None:
+            return
+        for _, delivery_id, _ in lane.queue:
+            self.known.discard(delivery_id)
+        self.wheel.cancel(key)
+
+    async def reload(self, partitions: Iterable[int]) -> int:
+        """Add the pending deliveries Postgres has for these partitions (after an assignment, a
+        manual retry, a replay); returns how many were new here."""
+        wanted = set(partitions)
+        if not wanted:
+            return 0
+        async with self._reloading:
+            before = len(self.known)
+            self._finished = set()
+            try:
+                pool = await self.pool()
+                async with pool.acquire() as conn:
+                    rows = await db.pending(conn, wanted)
+                await self.endpoints.current()
+                self.add(rows)
+            finally:
+                self._finished = None
+            return len(self.known) - before
+
+    async def revoke(self, partitions: set[int]) -> None:
+        """Stop sending what another worker owns from now on: cancel its requests in flight (so
+        an old attempt cannot land after the new owner's next one) and forget its lanes."""
+        keys = [key for key, lane in self.lanes.items() if lane.partition in partitions]
+        tasks = [self.sending[key] for key in keys if key in self.sending]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for key in keys:
+            self._drop(key)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Forever: move due retries to ready, start what each endpoint has room for, wait."""
+        writer = asyncio.ensure_future(self._write_results())
+        try:
+            while True:
+                now = int(time.time() * 1000)
+                for key, _ in self.wheel.pop_due(now):
+                    lane = self.lanes.get(key)
+                    if lane is not None and lane.state == "waiting":
+                        self._make_ready(key, lane)
+                await self._start_ready()
+                nxt = self.wheel.next_due_ms()
+                timeout = 1.0 if nxt is None else max(0.0, min(1.0, (nxt - now) / 1000))
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+        finally:
+            writer.cancel()
+
+    async def _start_ready(self) -> None:
+        endpoints = await self.endpoints.current() if self.endpoints.stale else self.endpoints.by_id
+        for endpoint_id, queue in self.ready.items():
+            ep = endpoints.get(endpoint_id)
+            while queue and self.inflight.get(endpoint_id, 0) < self.concurrency:
+                key = queue.popleft()
+                lane = self.lanes.get(key)
+                if lane is None or lane.state != "ready" or not lane.queue:
+                    continue
+                if ep is None or not ep.enabled:
+                    lane.state = "dormant"  # until the endpoint is enabled again (or deleted)
+                    continue
+                lane.state = "sending"
+                self.inflight[endpoint_id] = self.inflight.get(endpoint_id, 0) + 1
+                task = asyncio.ensure_future(self._attempt(key, lane, ep))
+                self.sending[key] = task
+
+    async def _attempt(self, key: LaneKey, lane: Lane, ep: db.Endpoint) -> None:
+        _, _, d = lane.queue[0]
+        try:
+            attempt = d.attempts + 1
+            sent = await self.sender.send(ep.url, d.event_id, int(time.time()), d.body, ep.keys)
+            now = datetime.now(UTC)
+            outcome = Outcome(sent.status, sent.error, sent.retry_after)
+            step = after_attempt(
+                outcome,
+                attempt=attempt - d.retry_base,
+                schedule=self.schedule,
+                now=now,
+                failing_since=self.failing.get(ep.id, ep.failing_since),
+                disable_after=self.disable_after,
+                jitter=random.random(),
+            )
+            status = {"delivered": "succeeded", "parked": "failed"}.get(step.next, "pending")
+            result = db.Result(
+                d.id, attempt, now, sent.status, sent.latency_ms, sent.error, sent.body, status, step.at
+            )
+            await self._store(result)
+            await self._endpoint_state(ep, step.failing_since if step.next != "delivered" else None, step)
+            if step.next == "delivered":
+                self.delivered += 1
+            else:
+                self.failed_attempts += 1
+                log.info("webhooks: %s to %s attempt %d failed: %s", d.event_id, ep.id, attempt, sent.error)
+            self._advance(key, lane, replace(d, attempts=attempt, next_attempt_at=step.at), step.next)
+        finally:
+            self.sending.pop(key, None)
+            self.inflight[ep.id] -= 1
+            self._wake.set()
+
+    def _advance(self, key: LaneKey, lane: Lane, d: db.Delivery, step: str) -> None:
+        if step in ("delivered", "parked"):
+            lane.queue.pop(0)
+            self.known.discard(d.id)
+            if self._finished is not None:
+                self._finished.add(d.id)
+            if step == "parked":
+                self.parked += 1
+                log.warning(
+                    "webhooks: delivery %d (%s to %s) parked after its last attempt",
+                    d.id,
+                    d.event_id,
+                    d.endpoint_id,
+                )
+            if lane.queue:
+                self._make_ready(key, lane)
+            else:
+                self.lanes.pop(key, None)
+        elif step == "retry":
+            lane.queue[0] = (d.seq, d.id, d)
+            lane.state = "waiting"
+            assert d.next_attempt_at is not None
+            self.wheel.schedule(key, _ms(d.next_attempt_at))
+        else:  # disabled: the delivery stays pending until the endpoint is enabled again
+            lane.queue[0] = (d.seq, d.id, d)
+            lane.state = "dormant"
+
+    async def _endpoint_state(self, ep: db.Endpoint, failing_since: datetime | None, step: Any) -> None:
+        if self.failing.get(ep.id, ep.failing_since) != failing_since:
+            self.failing[ep.id] = failing_since
+
+            async def mark() -> None:
+                async with (await self.pool()).acquire() as conn:
+                    await db.endpoint_failing(conn, ep.id, failing_since)
+
+            await _forever(mark, f"recording endpoint {ep.id} failing since {failing_since}")
+        if step.next == "disabled":
+
+            async def disable() -> bool:
+                async with (await self.pool()).acquire() as conn:
+                    return await db.disable_endpoint(conn, ep.id, step.reason, datetime.now(UTC))
+
+            if await _forever(disable, f"disabling endpoint {ep.id}"):
+                log.error("webhooks: endpoint %s (%s) disabled: %s", ep.id, ep.url, step.reason)
+            self.endpoints.invalidate()
+
+    async def _store(self, result: db.Result) -> None:
+        """Hand an attempt to the group-committing writer and wait until it is in Postgres."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._results.append((result, fut))
+        self._results_ready.set()
+        await fut
+
+    async def _write_results(self) -> None:
+        while True:
+            await self._results_ready.wait()
+            batch, self._results = self._results, []
+            self._results_ready.clear()
+            results = [r for r, _ in batch]
+
+            async def write(results: list[db.Result] = results) -> None:
+                async with (await self.pool()).acquire() as conn:
+                    await db.record_results(conn, results)
+
+            await _forever(write, f"storing {len(results)} attempts")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+
+class WebhookAgent:
+    """The fan-out agent, the dispatcher, and the listener that keeps both current."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: Settings,
+        topic: faust.TopicT,
+        pool: Pool,
+        dead_letter: Callable[[Any, str, int], Awaitable[None]],
+        on_fatal: Callable[[BaseException], None],
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.topic = topic
+        self.pool = pool
+        self.dead_letter = dead_letter
+        self.on_fatal = on_fatal
+        self.endpoints = Endpoints(pool, settings.secrets_key)
+        self.sender = WebhookSender(
+            allow_http=settings.outbound_allow_http,
+            allow_private=settings.outbound_allow_private,
+            timeout=settings.webhook_timeout.total_seconds(),
+            retry_after_cap=settings.webhook_retry_after_cap.total_seconds(),
+        )
+        self.dispatcher = Dispatcher(pool, self.endpoints, self.sender, settings)
+        self.fanned_out = 0
+
+    def register(self) -> None:
+        """Attach the agent, the dispatcher and the listener to the app."""
+        self.app.agent(self.topic, name="webhooks")(self._run)
+        self.app.task(self._dispatch)
+        self.app.task(self._listen)
+        self.app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+        self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
+
+    def owned(self) -> set[int]:
+        """Partitions of outgoing-events this worker consumes now."""
+        return owned_partitions(self.app, self.topic)
+
+    async def _on_assigned(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        name = self.topic.get_topic_name()
+        assigned: Iterable[Any] = args[0] if args else kwargs.get("assigned", ())
+        mine = {tp.partition for tp in assigned if tp.topic == name}
+        if mine:
+            n = await _forever(
+                lambda: self.dispatcher.reload(mine), f"reloading deliveries of {sorted(mine)}"
+            )
+            log.info("webhooks: partitions %s assigned, %d pending deliveries loaded", sorted(mine), n)
+
+    async def _on_revoked(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        name = self.topic.get_topic_name()
+        revoked: Iterable[Any] = args[0] if args else kwargs.get("revoked", ())
+        gone = {tp.partition for tp in revoked if tp.topic == name}
+        if gone:
+            await self.dispatcher.revoke(gone)
+
+    async def _dispatch(self) -> None:
+        await self.sender.start()
+        try:
+            await self.dispatcher.run()
+        finally:
+            await self.sender.close()
+
+    async def _listen(self) -> None:
+        """LISTEN for endpoint changes and re-pended deliveries; on a lost connection, reload."""
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self.settings.database_url)
+                await conn.add_listener(db.ENDPOINTS_CHANNEL, lambda *_: self.endpoints.invalidate())
+                await conn.add_listener(db.DELIVERIES_CHANNEL, self._deliveries_notified)
+                self.endpoints.invalidate()
+                await self.dispatcher.reload(self.owned())  # whatever was announced meanwhile
+                while not conn.is_closed():
+                    await asyncio.sleep(5)  # keepalive probe interval, not synchronisation
+                    await conn.execute("SELECT 1")
+            except Exception as exc:  # noqa: BLE001 - reconnect; the reload above catches up
+                log.warning("webhooks: listener lost (%s: %s); reconnecting", type(exc).__name__, exc)
+                await asyncio.sleep(1)  # reconnect backoff
+            finally:
+                if conn is not None:
+                    await conn.close()
+
+    def _deliveries_notified(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        partition = int(str(payload))
+        if partition in self.owned():
+            task = asyncio.ensure_future(self.dispatcher.reload({partition}))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _run(self, stream: faust.StreamT[bytes]) -> None:
+        await consume_in_batches(
+            stream,
+            limit=self.settings.worker_batch_size,
+            linger=self.settings.worker_linger.total_seconds(),
+            handle=self.handle,
+            name="webhooks fan-out",
+            on_fatal=self.on_fatal,
+        )
+
+    async def handle(self, batch: list[Any]) -> None:
+        """Store the batch's deliveries, then give the new ones to the dispatcher."""
+        records: list[db.Outgoing] = []
+        for event in batch:
+            msg = event.message
+            try:
+                value = bytes(msg.value)
+                parsed = orjson.loads(value)
+                records.append(
+                    db.Outgoing(
+                        str(parsed["id"]),
+                        str(parsed["type"]),
+                        msg.key.decode(),
+                        value,
+                        msg.partition,
+                        msg.offset,
+                    )
+                )
+            except Exception as exc:  # noqa: BLE001 - a record we cannot read: park it, go on
+                await self.dead_letter(event, f"undecodable outgoing event: {type(exc).__name__}: {exc}", 1)
+        if not records:
+            return
+
+        async def store() -> list[db.Delivery]:
+            endpoints = await self.endpoints.current()
+            async with (await self.pool()).acquire() as conn:
+                return await db.fan_out(conn, records, endpoints.values(), datetime.now(UTC))
+
+        created = await _forever(store, f"storing deliveries of {len(records)} events")
+        self.fanned_out += len(created)
+        self.dispatcher.add(created)
