@@ -198,12 +198,16 @@ class WebhookSender:
     async def send(
         self, url: str, msg_id: str, timestamp: int, body: bytes, keys: Sequence[bytes]
     ) -> Attempt:
-        """POST `body` to `url`, signed with every key; the outcome, whatever happens."""
+        """POST `body` to `url`, signed with every key; the outcome, whatever happens.
+
+        Raises only CancelledError, and RuntimeError/ValueError for caller bugs (not started,
+        no keys)."""
         if self._session is None:
             raise RuntimeError("WebhookSender.start() has not been called")
+        headers = self._headers(msg_id, timestamp, body, keys)  # no keys: a caller bug, raised
         started = time.monotonic()
         try:
-            return await self._post(self._session, url, self._headers(msg_id, timestamp, body, keys), body)
+            return await self._post(self._session, url, headers, body)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is an outcome to record, not a crash
@@ -226,11 +230,11 @@ class WebhookSender:
         self, session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes
     ) -> Attempt:
         started = time.monotonic()
-        target = URL(url)  # parsed once: the URL checked is the URL requested
-        problem = check_url(target, allow_http=self.allow_http, allow_private=self.allow_private)
+        problem = check_url(url, allow_http=self.allow_http, allow_private=self.allow_private)
         if problem is not None:
             return Attempt(None, _since(started), REFUSED + problem, None, "")
-        async with session.post(target, data=body, headers=headers, allow_redirects=False) as resp:
+        # yarl parses the same string the same way check_url did: the URL checked is the URL used.
+        async with session.post(URL(url), data=body, headers=headers, allow_redirects=False) as resp:
             text = (await _read_at_most(resp.content, self.max_body)).decode("utf-8", errors="replace")
             latency = _since(started)
             return Attempt(resp.status, latency, _status_error(resp), self._retry_after(resp), text)

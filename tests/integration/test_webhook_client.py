@@ -220,7 +220,8 @@ async def test_only_max_body_bytes_of_a_huge_response_are_read() -> None:
         return resp
 
     async with receiver(huge) as rx, loopback_sender(max_body=1000, timeout=5.0) as sender:
-        attempt = await send(sender, rx.url)
+        async with asyncio.timeout(10):
+            attempt = await send(sender, rx.url)
     assert attempt.error is None and attempt.ok
     assert attempt.body == "x" * 1000
 
@@ -241,7 +242,8 @@ async def test_hanging_server_times_out() -> None:
 
     async with receiver(hang) as rx, loopback_sender(timeout=0.5) as sender:
         started = time.monotonic()
-        attempt = await send(sender, rx.url)
+        async with asyncio.timeout(5):  # a sender without a timeout fails here instead of hanging
+            attempt = await send(sender, rx.url)
         elapsed = time.monotonic() - started
     assert (attempt.status, attempt.error) == (None, "timeout after 0.5s")
     assert 0.4 <= elapsed < 2.0
@@ -276,10 +278,13 @@ async def test_connection_refused_is_an_attempt() -> None:
     assert (attempt.status, attempt.error, attempt.body) == (None, "connection refused", "")
 
 
-async def test_start_is_required() -> None:
+async def test_caller_bugs_raise() -> None:
     sender = WebhookSender(allow_http=True, allow_private=True)
     with pytest.raises(RuntimeError):
         await send(sender, "http://127.0.0.1:1/")
+    async with sender:
+        with pytest.raises(ValueError, match="signing key"):
+            await sender.send("http://127.0.0.1:1/", "msg_1", int(time.time()), BODY, [])
 
 
 # --- SSRF guard ------------------------------------------------------------------------------
@@ -382,6 +387,8 @@ REFUSED = {
     "http://public.example.test/": "scheme http is not allowed",
     "https://user:pw@public.example.test/": "userinfo",
     "https://public.example.test/#x": "fragment",
+    "https://public.example.test/\r\nX-Injected: 1": "control characters",
+    "https://public.example.test:0/": "port 0",
 }
 
 
