@@ -107,7 +107,7 @@ def parse_retry_after(value: str | None, *, now: float, cap: float) -> float | N
     if value is None or not value.strip():
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         seconds = float(value)
     else:
         try:

@@ -178,6 +178,8 @@ async def test_retry_after_is_ignored_on_other_statuses() -> None:
         ("Thu, 01 Jan 1970 00:01:40 GMT", 0.0),
         ("-5", None),
         ("1.5", None),
+        ("\u00b2", None),  # str.isdigit() is true for "²", float() refuses it
+        ("9" * 400, 100.0),
         ("soon", None),
         ("", None),
         (None, None),
