@@ -107,19 +107,26 @@ def cmd_rotate_secrets(settings: Settings) -> int:
     sealer = _sealer(settings)
     if sealer is None:
         return 2
-    from_clear, resealed = asyncio.run(_reseal(settings.database_url, sealer))
-    print(f"rotate-secrets: {from_clear} channel(s) sealed from clear, {resealed} re-encrypted", flush=True)
+    from_clear, resealed, endpoints = asyncio.run(_reseal(settings.database_url, sealer))
+    print(
+        f"rotate-secrets: {from_clear} channel(s) sealed from clear, {resealed} re-encrypted;"
+        f" {endpoints} webhook endpoint(s) re-encrypted",
+        flush=True,
+    )
     return 0
 
 
-async def _reseal(database_url: str, sealer: Sealer) -> tuple[int, int]:
+async def _reseal(database_url: str, sealer: Sealer) -> tuple[int, int, int]:
     from streams.schema import create_pool, migrate
     from streams.store import Store
+    from streams.webhooks_db import reseal_endpoints
 
     pool = await create_pool(database_url, 1)
     try:
         await migrate(pool)
-        return await Store(pool, sealer).reseal_channels()
+        from_clear, resealed = await Store(pool, sealer).reseal_channels()
+        async with pool.acquire() as conn:
+            return from_clear, resealed, await reseal_endpoints(conn, sealer)
     finally:
         await pool.close()
 
@@ -194,7 +201,7 @@ def cmd_run(settings: Settings) -> int:
         sealer = _sealer(child_settings)
         if sealer is None:
             return 2
-        from_clear, _ = asyncio.run(_reseal(child_settings.database_url, sealer))
+        from_clear, _, _ = asyncio.run(_reseal(child_settings.database_url, sealer))
         if from_clear:
             print(f"sealed the secrets of {from_clear} channel(s) stored in clear", flush=True)
         exe = [sys.executable, "-m", "parley.cli"]

@@ -251,11 +251,17 @@ async def test_plaintext_rows_keep_working_and_rotate_secrets_seals_them_and_cha
     assert await _generic(http, second_api, legacy) == 200
 
     # Key rotation: a new key first re-encrypts every row; then only the new key is needed.
+    # Webhook endpoint secrets are sealed with the same key and rotate with the channels'.
+    hook_in = {"url": "https://hooks.example.com/", "events": ["*"]}
+    code, endpoint = await _admin(http, deployment, "POST", "/v1/webhook-endpoints", hook_in)
+    assert code == 201, endpoint
     new_key = Sealer.generate_key()
     out = _rotate_secrets(deployment, f"{new_key},{deployment.secrets_key}")
-    assert "0 channel(s) sealed from clear" in out
+    assert "0 channel(s) sealed from clear" in out and "1 webhook endpoint(s) re-encrypted" in out
     sealed = [r["sealed"] for r in await db.fetch("SELECT sealed FROM channels")]
     assert sealed and all(Sealer(new_key).open(s) for s in sealed)
+    [hook] = await db.fetch("SELECT secret FROM webhook_endpoints")
+    assert Sealer(new_key).open(hook["secret"]) == {"secret": endpoint["secret"]}  # type: ignore[index]
     # (Back under the deployment's key, which the running API processes hold.)
     _rotate_secrets(deployment, f"{deployment.secrets_key},{new_key}")
     assert await _generic(http, second_api, legacy) == 200
