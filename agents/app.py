@@ -116,7 +116,7 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_webhook_delivered_total": dispatcher.delivered,
                 "parley_webhook_failed_attempts_total": dispatcher.failed_attempts,
                 "parley_webhook_parked_total": dispatcher.parked,
-                "parley_webhook_pending": len(dispatcher.known),
+                "parley_webhook_pending": dispatcher.pending,
                 "parley_webhook_in_flight": sum(dispatcher.inflight.values()),
             }
 

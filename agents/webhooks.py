@@ -23,13 +23,11 @@ least once, in order, duplicates only with the same id.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,37 +35,22 @@ import asyncpg
 import faust
 import orjson
 
+from agents.lanes import GroupCommit, LaneKey, Lanes, retry_forever
 from agents.runner import consume_in_batches
 from agents.scheduler import owned_partitions
 from agents.webhook_client import WebhookSender
-from domain.timer_wheel import TimerWheel
-from domain.webhooks import Outcome, after_attempt
+from domain.webhooks import Outcome, Step, after_attempt
 from streams import webhooks_db as db
 from streams.channel_secrets import Sealer
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
-LaneKey = tuple[str, str]  # (endpoint id, event key)
 Pool = Callable[[], Awaitable[asyncpg.Pool]]
 
 
 def _ms(at: datetime) -> int:
     return int(at.timestamp() * 1000)
-
-
-async def _forever(call: Callable[[], Awaitable[Any]], what: str) -> Any:
-    """Retry a Postgres call until it passes: a delivery's state must not be lost."""
-    delay = 0.05
-    while True:
-        try:
-            return await call()
-        except Exception as exc:  # noqa: BLE001 - keep trying; nothing is acked meanwhile
-            log.warning(
-                "webhooks: %s failed (%s: %s); retrying in %.2fs", what, type(exc).__name__, exc, delay
-            )
-            await asyncio.sleep(delay)  # backoff between retries, not synchronisation
-            delay = min(delay * 2, 5.0)
 
 
 class Endpoints:
@@ -106,17 +89,9 @@ class Endpoints:
         return self.by_id
 
 
-@dataclass
-class Lane:
-    """One endpoint's deliveries of one event key, in log order; the head is sent next."""
-
-    partition: int
-    queue: list[tuple[int, int, db.Delivery]] = field(default_factory=list)  # (seq, id, delivery)
-    state: str = "idle"  # idle | ready | sending | waiting (a retry on the wheel) | dormant (endpoint off)
-
-
 class Dispatcher:
-    """Sends the pending deliveries of this worker's partitions, lane by lane."""
+    """Sends the pending deliveries of this worker's partitions, lane by lane (agents/lanes.py:
+    a lane is one endpoint's deliveries of one event key; its group is the endpoint)."""
 
     def __init__(self, pool: Pool, endpoints: Endpoints, sender: WebhookSender, settings: Settings) -> None:
         self.pool = pool
@@ -125,67 +100,40 @@ class Dispatcher:
         self.schedule = settings.retry_schedule()
         self.disable_after = settings.webhook_disable_after
         self.concurrency = settings.webhook_concurrency
-        self.lanes: dict[LaneKey, Lane] = {}
-        self.known: set[int] = set()  # delivery ids held in a lane
-        self.ready: dict[str, deque[LaneKey]] = {}
+        self.lanes: Lanes[db.Delivery] = Lanes()
         self.inflight: dict[str, int] = {}
         self.sending: dict[LaneKey, asyncio.Task[None]] = {}
-        self.wheel: TimerWheel[LaneKey] = TimerWheel(int(time.time() * 1000))
         self.failing: dict[str, datetime | None] = {}  # endpoint -> failing since (what Postgres has)
+        self.results: GroupCommit[db.Result] = GroupCommit(self._write, "webhooks")
         self._wake = asyncio.Event()
-        self._finished: set[int] | None = None  # ids finished while a reload reads
         self._reloading = asyncio.Lock()
-        self._results: list[tuple[db.Result, asyncio.Future[None]]] = []
-        self._results_ready = asyncio.Event()
         self.delivered = 0
         self.failed_attempts = 0
         self.parked = 0
         endpoints.on_change = self._endpoints_changed
 
-    # -- feeding -----------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        return len(self.lanes.known)
 
     def add(self, deliveries: Iterable[db.Delivery]) -> None:
         """Take pending deliveries (new from the fan-out, or reloaded from Postgres)."""
-        now = int(time.time() * 1000)
         for d in deliveries:
-            if d.id in self.known or (self._finished is not None and d.id in self._finished):
-                continue
-            self.known.add(d.id)
-            key = (d.endpoint_id, d.lane)
-            lane = self.lanes.get(key)
-            if lane is None:
-                lane = self.lanes[key] = Lane(d.partition)
-            bisect.insort(lane.queue, (d.seq, d.id, d))
-            if lane.state == "idle":
-                due = _ms(d.next_attempt_at) if d.next_attempt_at else now
-                if due > now:
-                    lane.state = "waiting"
-                    self.wheel.schedule(key, due)
-                else:
-                    self._make_ready(key, lane)
+            due = _ms(d.next_attempt_at) if d.next_attempt_at else None
+            self.lanes.add((d.endpoint_id, d.lane), d.partition, d.seq, d.id, d, due)
         self._wake.set()
-
-    def _make_ready(self, key: LaneKey, lane: Lane) -> None:
-        lane.state = "ready"
-        self.ready.setdefault(key[0], deque()).append(key)
 
     def _endpoints_changed(self) -> None:
         # Re-enabled endpoints: their dormant lanes go again. Deleted ones: their lanes go away.
-        for key, lane in list(self.lanes.items()):
+        self.failing = {ep.id: ep.failing_since for ep in self.endpoints.by_id.values()}
+        for key, lane in self.lanes.states():
             ep = self.endpoints.by_id.get(key[0])
-            if ep is None and lane.state != "sending":
-                self._drop(key)
-            elif ep is not None and ep.enabled and lane.state == "dormant":
-                self._make_ready(key, lane)
+            if ep is None and lane.state != "busy":
+                self.lanes.drop(key)
+        for ep in self.endpoints.by_id.values():
+            if ep.enabled:
+                self.lanes.wake_group(ep.id)
         self._wake.set()
-
-    def _drop(self, key: LaneKey) -> None:
-        lane = self.lanes.pop(key, None)
-        if lane is None:
-            return
-        for _, delivery_id, _ in lane.queue:
-            self.known.discard(delivery_id)
-        self.wheel.cancel(key)
 
     async def reload(self, partitions: Iterable[int]) -> int:
         """Add the pending deliveries Postgres has for these partitions (after an assignment, a
@@ -194,8 +142,8 @@ class Dispatcher:
         if not wanted:
             return 0
         async with self._reloading:
-            before = len(self.known)
-            self._finished = set()
+            before = self.pending
+            self.lanes.finished = set()
             try:
                 pool = await self.pool()
                 async with pool.acquire() as conn:
@@ -203,34 +151,29 @@ class Dispatcher:
                 await self.endpoints.current()
                 self.add(rows)
             finally:
-                self._finished = None
-            return len(self.known) - before
+                self.lanes.finished = None
+            return self.pending - before
 
     async def revoke(self, partitions: set[int]) -> None:
         """Stop sending what another worker owns from now on: cancel its requests in flight (so
         an old attempt cannot land after the new owner's next one) and forget its lanes."""
-        keys = [key for key, lane in self.lanes.items() if lane.partition in partitions]
+        keys = self.lanes.of_partitions(partitions)
         tasks = [self.sending[key] for key in keys if key in self.sending]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for key in keys:
-            self._drop(key)
-
-    # -- sending -----------------------------------------------------------------------------
+            self.lanes.drop(key)
 
     async def run(self) -> None:
         """Forever: move due retries to ready, start what each endpoint has room for, wait."""
-        writer = asyncio.ensure_future(self._write_results())
+        writer = asyncio.ensure_future(self.results.run())
         try:
             while True:
                 now = int(time.time() * 1000)
-                for key, _ in self.wheel.pop_due(now):
-                    lane = self.lanes.get(key)
-                    if lane is not None and lane.state == "waiting":
-                        self._make_ready(key, lane)
+                self.lanes.due(now)
                 await self._start_ready()
-                nxt = self.wheel.next_due_ms()
+                nxt = self.lanes.next_due_ms()
                 timeout = 1.0 if nxt is None else max(0.0, min(1.0, (nxt - now) / 1000))
                 self._wake.clear()
                 try:
@@ -242,30 +185,24 @@ class Dispatcher:
 
     async def _start_ready(self) -> None:
         endpoints = await self.endpoints.current() if self.endpoints.stale else self.endpoints.by_id
-        for endpoint_id, queue in self.ready.items():
+        for endpoint_id in self.lanes.groups():
             ep = endpoints.get(endpoint_id)
-            while queue and self.inflight.get(endpoint_id, 0) < self.concurrency:
-                key = queue.popleft()
-                lane = self.lanes.get(key)
-                if lane is None or lane.state != "ready" or not lane.queue:
-                    continue
+            for key, delivery in self.lanes.take(endpoint_id):
                 if ep is None or not ep.enabled:
-                    lane.state = "dormant"  # until the endpoint is enabled again (or deleted)
+                    self.lanes.sleep(key)  # until the endpoint is enabled again (or deleted)
                     continue
-                lane.state = "sending"
                 self.inflight[endpoint_id] = self.inflight.get(endpoint_id, 0) + 1
-                task = asyncio.ensure_future(self._attempt(key, lane, ep))
-                self.sending[key] = task
+                self.sending[key] = asyncio.ensure_future(self._attempt(key, delivery, ep))
+                if self.inflight[endpoint_id] >= self.concurrency:
+                    break
 
-    async def _attempt(self, key: LaneKey, lane: Lane, ep: db.Endpoint) -> None:
-        _, _, d = lane.queue[0]
+    async def _attempt(self, key: LaneKey, d: db.Delivery, ep: db.Endpoint) -> None:
         try:
             attempt = d.attempts + 1
             sent = await self.sender.send(ep.url, d.event_id, int(time.time()), d.body, ep.keys)
             now = datetime.now(UTC)
-            outcome = Outcome(sent.status, sent.error, sent.retry_after)
             step = after_attempt(
-                outcome,
+                Outcome(sent.status, sent.error, sent.retry_after),
                 attempt=attempt - d.retry_base,
                 schedule=self.schedule,
                 now=now,
@@ -274,50 +211,45 @@ class Dispatcher:
                 jitter=random.random(),
             )
             status = {"delivered": "succeeded", "parked": "failed"}.get(step.next, "pending")
-            result = db.Result(
-                d.id, attempt, now, sent.status, sent.latency_ms, sent.error, sent.body, status, step.at
+            await self.results.store(
+                db.Result(
+                    d.id, attempt, now, sent.status, sent.latency_ms, sent.error, sent.body, status, step.at
+                )
             )
-            await self._store(result)
-            await self._endpoint_state(ep, step.failing_since if step.next != "delivered" else None, step)
+            await self._endpoint_state(ep, step)
             if step.next == "delivered":
                 self.delivered += 1
             else:
                 self.failed_attempts += 1
                 log.info("webhooks: %s to %s attempt %d failed: %s", d.event_id, ep.id, attempt, sent.error)
-            self._advance(key, lane, replace(d, attempts=attempt, next_attempt_at=step.at), step.next)
+            self._advance(key, replace(d, attempts=attempt, next_attempt_at=step.at), step)
         finally:
             self.sending.pop(key, None)
             self.inflight[ep.id] -= 1
             self._wake.set()
 
-    def _advance(self, key: LaneKey, lane: Lane, d: db.Delivery, step: str) -> None:
-        if step in ("delivered", "parked"):
-            lane.queue.pop(0)
-            self.known.discard(d.id)
-            if self._finished is not None:
-                self._finished.add(d.id)
-            if step == "parked":
+    def _advance(self, key: LaneKey, d: db.Delivery, step: Step) -> None:
+        if step.next in ("delivered", "parked"):
+            if step.next == "parked":
                 self.parked += 1
                 log.warning(
-                    "webhooks: delivery %d (%s to %s) parked after its last attempt",
+                    "webhooks: delivery %d (%s to %s) parked: %s",
                     d.id,
                     d.event_id,
                     d.endpoint_id,
+                    step.reason,
                 )
-            if lane.queue:
-                self._make_ready(key, lane)
-            else:
-                self.lanes.pop(key, None)
-        elif step == "retry":
-            lane.queue[0] = (d.seq, d.id, d)
-            lane.state = "waiting"
-            assert d.next_attempt_at is not None
-            self.wheel.schedule(key, _ms(d.next_attempt_at))
+            self.lanes.finish_head(key)
+            return
+        self.lanes.replace_head(key, d)
+        if step.next == "retry":
+            assert step.at is not None
+            self.lanes.wait(key, _ms(step.at))
         else:  # disabled: the delivery stays pending until the endpoint is enabled again
-            lane.queue[0] = (d.seq, d.id, d)
-            lane.state = "dormant"
+            self.lanes.sleep(key)
 
-    async def _endpoint_state(self, ep: db.Endpoint, failing_since: datetime | None, step: Any) -> None:
+    async def _endpoint_state(self, ep: db.Endpoint, step: Step) -> None:
+        failing_since = None if step.next == "delivered" else step.failing_since
         if self.failing.get(ep.id, ep.failing_since) != failing_since:
             self.failing[ep.id] = failing_since
 
@@ -325,39 +257,23 @@ class Dispatcher:
                 async with (await self.pool()).acquire() as conn:
                     await db.endpoint_failing(conn, ep.id, failing_since)
 
-            await _forever(mark, f"recording endpoint {ep.id} failing since {failing_since}")
+            await retry_forever(
+                mark, f"webhooks: recording endpoint {ep.id} failing since {failing_since}"
+            )
         if step.next == "disabled":
+            reason = step.reason or "disabled"
 
             async def disable() -> bool:
                 async with (await self.pool()).acquire() as conn:
-                    return await db.disable_endpoint(conn, ep.id, step.reason, datetime.now(UTC))
+                    return await db.disable_endpoint(conn, ep.id, reason, datetime.now(UTC))
 
-            if await _forever(disable, f"disabling endpoint {ep.id}"):
-                log.error("webhooks: endpoint %s (%s) disabled: %s", ep.id, ep.url, step.reason)
+            if await retry_forever(disable, f"webhooks: disabling endpoint {ep.id}"):
+                log.error("webhooks: endpoint %s (%s) disabled: %s", ep.id, ep.url, reason)
             self.endpoints.invalidate()
 
-    async def _store(self, result: db.Result) -> None:
-        """Hand an attempt to the group-committing writer and wait until it is in Postgres."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._results.append((result, fut))
-        self._results_ready.set()
-        await fut
-
-    async def _write_results(self) -> None:
-        while True:
-            await self._results_ready.wait()
-            batch, self._results = self._results, []
-            self._results_ready.clear()
-            results = [r for r, _ in batch]
-
-            async def write(results: list[db.Result] = results) -> None:
-                async with (await self.pool()).acquire() as conn:
-                    await db.record_results(conn, results)
-
-            await _forever(write, f"storing {len(results)} attempts")
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
+    async def _write(self, results: list[db.Result]) -> None:
+        async with (await self.pool()).acquire() as conn:
+            await db.record_results(conn, results)
 
 
 class WebhookAgent:
@@ -405,7 +321,7 @@ class WebhookAgent:
         assigned: Iterable[Any] = args[0] if args else kwargs.get("assigned", ())
         mine = {tp.partition for tp in assigned if tp.topic == name}
         if mine:
-            n = await _forever(
+            n = await retry_forever(
                 lambda: self.dispatcher.reload(mine), f"reloading deliveries of {sorted(mine)}"
             )
             log.info("webhooks: partitions %s assigned, %d pending deliveries loaded", sorted(mine), n)
@@ -488,6 +404,6 @@ class WebhookAgent:
             async with (await self.pool()).acquire() as conn:
                 return await db.fan_out(conn, records, endpoints.values(), datetime.now(UTC))
 
-        created = await _forever(store, f"storing deliveries of {len(records)} events")
+        created = await retry_forever(store, f"storing deliveries of {len(records)} events")
         self.fanned_out += len(created)
         self.dispatcher.add(created)
