@@ -90,6 +90,12 @@ class Lanes(Generic[T]):
         lane.state = "ready"
         self.ready.setdefault(key[0], deque()).append(key)
 
+    def make_ready_first(self, key: LaneKey) -> None:
+        """Back to the front of its group's ready queue (taken, but the group had no room)."""
+        lane = self.lanes[key]
+        lane.state = "ready"
+        self.ready.setdefault(key[0], deque()).appendleft(key)
+
     def wait(self, key: LaneKey, due_ms: int) -> None:
         """The lane's head waits until due_ms."""
         self.lanes[key].state = "waiting"

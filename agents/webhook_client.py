@@ -95,6 +95,9 @@ class Attempt:
     error: str | None  # None on 2xx; else a short reason for people ("HTTP 500", "timeout after 10.0s")
     retry_after: float | None  # seconds the receiver asked us to wait (429/503), capped
     body: str  # the start of the response body (at most max_body bytes), utf-8 with replacements
+    # False only when the request certainly never reached the server (refused by the guard, DNS,
+    # connect or TLS failure): what tells "send again" from "in doubt" for outbound messages
+    may_have_arrived: bool = True
 
     @property
     def ok(self) -> bool:
@@ -205,13 +208,20 @@ class WebhookSender:
         if self._session is None:
             raise RuntimeError("WebhookSender.start() has not been called")
         headers = self._headers(msg_id, timestamp, body, keys)  # no keys: a caller bug, raised
+        return await self.post(url, body, headers)
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Attempt:
+        """POST `body` with these headers (a provider call: its own auth), guarded the same way."""
+        if self._session is None:
+            raise RuntimeError("WebhookSender.start() has not been called")
         started = time.monotonic()
         try:
-            return await self._post(self._session, url, headers, body)
+            return await self._post(self._session, url, {"user-agent": USER_AGENT, **headers}, body)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is an outcome to record, not a crash
-            return Attempt(None, _since(started), _describe(exc, self.timeout), None, "")
+            arrived = not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+            return Attempt(None, _since(started), _describe(exc, self.timeout), None, "", arrived)
 
     @staticmethod
     def _headers(msg_id: str, timestamp: int, body: bytes, keys: Sequence[bytes]) -> dict[str, str]:
@@ -232,7 +242,7 @@ class WebhookSender:
         started = time.monotonic()
         problem = check_url(url, allow_http=self.allow_http, allow_private=self.allow_private)
         if problem is not None:
-            return Attempt(None, _since(started), REFUSED + problem, None, "")
+            return Attempt(None, _since(started), REFUSED + problem, None, "", may_have_arrived=False)
         # yarl parses the same string the same way check_url did: the URL checked is the URL used.
         async with session.post(URL(url), data=body, headers=headers, allow_redirects=False) as resp:
             text = (await _read_at_most(resp.content, self.max_body)).decode("utf-8", errors="replace")

@@ -257,9 +257,7 @@ class Dispatcher:
                 async with (await self.pool()).acquire() as conn:
                     await db.endpoint_failing(conn, ep.id, failing_since)
 
-            await retry_forever(
-                mark, f"webhooks: recording endpoint {ep.id} failing since {failing_since}"
-            )
+            await retry_forever(mark, f"webhooks: recording endpoint {ep.id} failing since {failing_since}")
         if step.next == "disabled":
             reason = step.reason or "disabled"
 

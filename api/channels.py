@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from api.context import CONTEXT, error, validated_body
 from channels.config import CHANNEL_IN
 from streams.channel_secrets import SECRET_FIELDS, rotate
+from streams.sends_db import resume_channel
 from streams.store import DuplicateChannel
 
 routes = web.RouteTableDef()
@@ -30,6 +31,7 @@ class ChannelPatch(BaseModel):
     app_secret: str | None = Field(None, min_length=8, max_length=256)
     verify_token: str | None = Field(None, min_length=8, max_length=256)
     auth_token: str | None = Field(None, min_length=16, max_length=256)
+    access_token: str | None = Field(None, min_length=8, max_length=2048)
     keep_previous_for: float | None = Field(None, ge=0, le=30 * 24 * 3600)
     revoke_previous: bool = False
 
@@ -97,6 +99,9 @@ async def patch_channel(request: web.Request) -> web.Response:
     )
     if changed is None:
         return error(404, "no such channel")
+    if "access_token" in given or "auth_token" in given:  # a paused channel's sends go again
+        async with ctx.store.pool.acquire() as conn:
+            await resume_channel(conn, channel_id, now)
     return web.json_response(changed.summary(now))
 
 

@@ -57,6 +57,14 @@ class WhatsAppChannelIn(Record):
     phone_number_id: str = Field(pattern=r"^[0-9]{1,32}$")
     app_secret: str = Field(min_length=8, max_length=256)
     verify_token: str = Field(min_length=8, max_length=256)
+    # Sending (outbound messages): the Cloud API token (sealed, never returned), where the Graph
+    # API is (tests and the sandbox point it at the simulator), and the number's limits.
+    access_token: str | None = Field(None, min_length=8, max_length=2048)
+    graph_base: str = Field("https://graph.facebook.com", pattern=r"^https?://[^\s]+$", max_length=2048)
+    graph_version: str = Field("v21.0", pattern=r"^v[0-9]{1,3}\.[0-9]{1,3}$")
+    throughput: float = Field(80.0, gt=0, le=10_000)  # messages per second for the number
+    recipient_rate: float = Field(1 / 6, gt=0, le=1_000)  # per user: Meta's pair rate, ~1 per 6 s
+    recipient_burst: int = Field(45, ge=1, le=1_000)  # ... with bursts of about 45
 
 
 class TwilioChannelIn(Record):
@@ -67,6 +75,10 @@ class TwilioChannelIn(Record):
     account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$")
     auth_token: str = Field(min_length=16, max_length=256)
     public_url: str = Field(pattern=r"^https?://", max_length=2048)
+    # Sending: the sender (From, e.g. "whatsapp:+15551234567"), where the API is, its rate.
+    sender: str | None = Field(None, min_length=3, max_length=64)
+    api_base: str = Field("https://api.twilio.com", pattern=r"^https?://[^\s]+$", max_length=2048)
+    throughput: float = Field(80.0, gt=0, le=10_000)  # messages per second for the sender
 
 
 ChannelIn = Annotated[GenericChannelIn | WhatsAppChannelIn | TwilioChannelIn, Field(discriminator="provider")]

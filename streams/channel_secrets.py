@@ -22,7 +22,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 # The fields of each provider's config that are secrets; everything else stays in clear.
 SECRET_FIELDS: dict[str, tuple[str, ...]] = {
     "generic": ("secret",),
-    "whatsapp": ("app_secret", "verify_token"),
+    "whatsapp": ("app_secret", "verify_token", "access_token"),
     "twilio": ("auth_token",),
 }
 # Bounds the work of a signature check: at most this many secrets are active per field.

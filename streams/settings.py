@@ -95,6 +95,15 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(16, ge=1)  # requests in flight per endpoint per worker
     webhook_disable_after: Duration = timedelta(days=5)  # failing every attempt this long: disabled
     webhook_secret_overlap: Duration = timedelta(hours=24)  # a rotated-out secret keeps signing
+    # Outbound messages (agents/sender.py)
+    send_concurrency: int = Field(64, ge=1)  # requests in flight per business number
+    send_timeout: Duration = timedelta(seconds=10)  # connect + read, per attempt
+    send_max_attempts: int = Field(6, ge=1)  # retryable failures before a send fails for good
+    send_backoff_base: Duration = timedelta(seconds=2)  # 2, 6, 18, 54, 162 s (x3), capped
+    send_backoff_cap: Duration = timedelta(minutes=5)
+    send_in_doubt_wait: Duration = timedelta(seconds=60)  # wait for a status webhook before resending
+    send_rate_margin: float = Field(0.98, gt=0, le=1)  # pace a number at this share of its limit
+
     log_level: str = "INFO"
 
     def retry_schedule(self) -> tuple[float, ...]:

@@ -1,0 +1,277 @@
+"""Postgres side of outbound messages: the queued sends, their attempts' outcomes, paused channels.
+
+A send row is written by the lifecycle agent when it accepts the message (in the conversation's
+order), then only by the sender: `sending` before each request leaves (so a crash leaves the
+send "in doubt", never silently re-sent), and the outcome after. A sent message also becomes a
+`messages` row (so the provider's receipts update it) and a `message.sent` event; a failed one a
+`message.failed` event. Manual retries and token updates NOTIFY `parley_sends` with the
+partition, so the worker that sends it picks it up at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from streams.topics import partition_of, thread_key
+
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+SENDS_CHANNEL = "parley_sends"
+OPEN = ("queued", "sending")
+
+
+@dataclass(frozen=True)
+class Send:
+    """A send as the sender holds it."""
+
+    id: str
+    conversation_id: str
+    channel_id: str
+    contact_id: str
+    partition: int
+    seq: int
+    type: str
+    content: dict[str, Any]
+    status: str  # queued | sending (in doubt when read back after a crash)
+    attempts: int
+    retry_base: int
+    next_attempt_at: datetime | None
+    sending_at: datetime | None
+
+
+_SEND_COLUMNS = (
+    "id::text, conversation_id::text, channel_id, contact_id, partition, seq, type, content, status,"
+    " attempts, retry_base, next_attempt_at, sending_at"
+)
+
+
+def send_of(row: Any) -> Send:
+    return Send(**dict(row))
+
+
+async def open_sends(conn: Conn, partitions: Iterable[int]) -> list[Send]:
+    """Every queued or in-doubt send of these partitions, in acceptance order."""
+    rows = await conn.fetch(
+        f"SELECT {_SEND_COLUMNS} FROM outbound_sends WHERE status = ANY($2::text[])"
+        " AND partition = ANY($1::int[]) ORDER BY seq",
+        sorted(set(partitions)),
+        list(OPEN),
+    )
+    return [send_of(r) for r in rows]
+
+
+async def send_row(conn: Conn, send_id: str) -> asyncpg.Record | None:
+    """One send with everything the API shows."""
+    return await conn.fetchrow(
+        "SELECT id::text, conversation_id::text, channel_id, contact_id, type, content, status, attempts,"
+        " next_attempt_at, provider_message_id, error_code, error_title, accepted_at, sent_at, updated_at,"
+        " body_hash FROM outbound_sends WHERE id = $1::uuid",
+        send_id,
+    )
+
+
+def send_json(row: asyncpg.Record) -> dict[str, Any]:
+    """A send as the API shows it."""
+    out = {k: v for k, v in dict(row).items() if k != "body_hash"}
+    for k in ("next_attempt_at", "accepted_at", "sent_at", "updated_at"):
+        out[k] = out[k].isoformat() if out[k] else None
+    return out
+
+
+async def paused_channels(conn: Conn) -> dict[str, str]:
+    """Channels the provider refused the token of: id -> reason."""
+    rows = await conn.fetch("SELECT channel_id, reason FROM channel_send_state WHERE paused")
+    return {r["channel_id"]: r["reason"] or "paused" for r in rows}
+
+
+@dataclass(frozen=True)
+class Leaving:
+    """An attempt about to leave: stored before the request, so a crash leaves it in doubt."""
+
+    send_id: str
+    attempt: int
+    at: datetime
+
+
+_LEAVING = """
+UPDATE outbound_sends s SET status = 'sending', attempts = f.a, sending_at = f.at, updated_at = f.at
+FROM unnest($1::uuid[], $2::int[], $3::timestamptz[]) AS f(id, a, at)
+WHERE s.id = f.id
+"""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an attempt came to, as stored."""
+
+    send: Send
+    status: str  # queued (retry / wait) | sending (in doubt) | sent | failed
+    at: datetime
+    next_attempt_at: datetime | None = None
+    provider_message_id: str | None = None
+    error_code: str | None = None
+    error_title: str | None = None
+
+
+_OUTCOMES = """
+UPDATE outbound_sends s SET status = f.st, next_attempt_at = f.n, provider_message_id = COALESCE(f.pid,
+    s.provider_message_id), error_code = f.code, error_title = f.title, updated_at = f.at,
+    sent_at = CASE WHEN f.st = 'sent' THEN f.at ELSE s.sent_at END
+FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
+    AS f(id, st, n, pid, code, title, at)
+WHERE s.id = f.id
+"""
+# A sent message joins the conversation's messages, where the provider's receipts find it.
+_MESSAGES = """
+INSERT INTO messages (conversation_id, channel_id, contact_id, provider_message_id, direction, type, text,
+                      payload, status, sent_at)
+SELECT f.conv, f.ch, f.contact, f.pid, 'outbound', f.type, f.text, f.payload::jsonb, 'sent', f.at
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::timestamptz[]) AS f(conv, ch, contact, pid, type, text, payload, at)
+ON CONFLICT DO NOTHING
+"""
+_EVENTS = """
+INSERT INTO outbox (event_id, type, key, payload, created_at, partition)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::int[])
+    AS f(event_id, type, key, payload, created_at, partition)
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+
+def _event(o: Outcome, partitions: int) -> tuple[str, str, str, str, datetime, int]:
+    s = o.send
+    kind = "message.sent" if o.status == "sent" else "message.failed"
+    data = {
+        "message_id": s.id,
+        "conversation_id": s.conversation_id,
+        "channel_id": s.channel_id,
+        "contact_id": s.contact_id,
+        "type": s.type,
+        "provider_message_id": o.provider_message_id,
+        "attempts": s.attempts,
+        "error_code": o.error_code,
+        "error_title": o.error_title,
+        "at": o.at.isoformat(),
+    }
+    key = thread_key(s.channel_id, s.contact_id)
+    event_id = f"send:{s.id}:{kind}:{s.attempts}"
+    return event_id, kind, key.decode(), orjson.dumps(data).decode(), o.at, partition_of(key, partitions)
+
+
+async def mark_leaving(conn: Conn, leaving: Sequence[Leaving]) -> None:
+    """Store that these attempts are about to leave (one statement)."""
+    await conn.execute(
+        _LEAVING, [x.send_id for x in leaving], [x.attempt for x in leaving], [x.at for x in leaving]
+    )
+
+
+async def record_outcomes(conn: Conn, outcomes: Sequence[Outcome], partitions: int) -> None:
+    """Store a group of outcomes, the sent ones' messages rows and the final ones' events."""
+    async with conn.transaction():
+        await conn.execute(
+            _OUTCOMES,
+            [o.send.id for o in outcomes],
+            [o.status for o in outcomes],
+            [o.next_attempt_at for o in outcomes],
+            [o.provider_message_id for o in outcomes],
+            [o.error_code for o in outcomes],
+            [o.error_title for o in outcomes],
+            [o.at for o in outcomes],
+        )
+        sent = [o for o in outcomes if o.status == "sent" and o.provider_message_id]
+        if sent:
+            await conn.execute(
+                _MESSAGES,
+                [o.send.conversation_id for o in sent],
+                [o.send.channel_id for o in sent],
+                [o.send.contact_id for o in sent],
+                [o.provider_message_id for o in sent],
+                [o.send.type for o in sent],
+                [_text_of(o.send.content) for o in sent],
+                [orjson.dumps(o.send.content).decode() for o in sent],
+                [o.at for o in sent],
+            )
+        final = [_event(o, partitions) for o in outcomes if o.status in ("sent", "failed")]
+        if final:
+            await conn.execute(_EVENTS, *map(list, zip(*final, strict=True)))
+
+
+def _text_of(content: dict[str, Any]) -> str | None:
+    text = content.get("text") or content.get("caption") or content.get("name")
+    return str(text) if text is not None else None
+
+
+async def still_in_doubt(conn: Conn, send_id: str) -> bool:
+    """Is this send still waiting for a sign of life (no status webhook came for it)?"""
+    row = await conn.fetchrow(
+        "SELECT status, provider_message_id FROM outbound_sends WHERE id = $1::uuid", send_id
+    )
+    return bool(row and row["status"] == "sending" and row["provider_message_id"] is None)
+
+
+async def pause_channel(conn: Conn, channel_id: str, reason: str, now: datetime, partitions: int) -> bool:
+    """Pause a channel's sends and emit `channel.paused` (False if it was paused already)."""
+    async with conn.transaction():
+        done = await conn.fetchval(
+            "INSERT INTO channel_send_state (channel_id, paused, reason, updated_at)"
+            " VALUES ($1, true, $2, $3)"
+            " ON CONFLICT (channel_id) DO UPDATE SET paused = true, reason = $2, updated_at = $3"
+            " WHERE NOT channel_send_state.paused RETURNING 1",
+            channel_id,
+            reason,
+            now,
+        )
+        if not done:
+            return False
+        key = f"channel:{channel_id}"
+        data = orjson.dumps({"channel_id": channel_id, "reason": reason}).decode()
+        await conn.execute(
+            "INSERT INTO outbox (event_id, type, key, payload, created_at, partition)"
+            " VALUES ($1, 'channel.paused', $2, $3::text::jsonb, $4, $5) ON CONFLICT (event_id) DO NOTHING",
+            f"{key}:paused:{int(now.timestamp() * 1000)}",
+            key,
+            data,
+            now,
+            partition_of(key.encode(), partitions),
+        )
+    return True
+
+
+async def resume_channel(conn: Conn, channel_id: str, now: datetime) -> None:
+    """The channel's token was updated: its sends go again."""
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE channel_send_state SET paused = false, reason = NULL, updated_at = $2"
+            " WHERE channel_id = $1",
+            channel_id,
+            now,
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", SENDS_CHANNEL, f"channel:{channel_id}")
+
+
+async def retry_send(conn: Conn, send_id: str, now: datetime) -> asyncpg.Record | None:
+    """A failed send queued again now with a fresh retry budget (NOTIFY the sender)."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "UPDATE outbound_sends SET status = 'queued', retry_base = attempts, next_attempt_at = $2,"
+            " error_code = NULL, error_title = NULL, updated_at = $2"
+            " WHERE id = $1::uuid AND status = 'failed' RETURNING partition",
+            send_id,
+            now,
+        )
+        if row is None:
+            return None
+        await conn.execute("SELECT pg_notify($1, $2)", SENDS_CHANNEL, str(row["partition"]))
+    return await send_row(conn, send_id)
+
+
+def body_hash(content: dict[str, Any]) -> str:
+    """The hash an Idempotency-Key's first body is remembered by."""
+    import hashlib
+
+    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
