@@ -17,7 +17,7 @@ from api.context import CONTEXT, error, validated_body
 from api.ingress import KafkaUnavailable
 from channels import normalize
 from domain.lifecycle import CloseReason
-from streams.records import AcceptCommand, CloseCommand, OutboundMessage, keyed
+from streams.records import AcceptCommand, CloseCommand, keyed
 from streams.store import decode_cursor
 
 routes = web.RouteTableDef()
@@ -217,30 +217,5 @@ async def accept_conversation(request: web.Request) -> web.Response:
             conversation_id=conv["id"],
             agent_id=body.agent_id,
             issued_at=datetime.now(UTC),
-        ),
-    )
-
-
-@routes.post("/v1/conversations/{id}/messages")
-async def record_outbound(request: web.Request) -> web.Response:
-    """Record a message the business sent, so its delivery receipts have something to update (202)."""
-    body = await validated_body(request, OUTBOUND_IN)
-    if isinstance(body, web.Response):
-        return body
-    # Already idempotent by the provider's message id; an Idempotency-Key is validated but the id
-    # stays the message's, so two keys can never record the same sent message twice.
-    return await _command(
-        request,
-        "messages",
-        lambda conv, event_id: OutboundMessage(
-            event_id=f"outbound:{conv['channel_id']}:{body.provider_message_id}",
-            channel_id=conv["channel_id"],
-            contact_id=conv["contact_id"],
-            conversation_id=conv["id"],
-            provider_message_id=body.provider_message_id,
-            type=body.type,
-            text=body.text,
-            payload=body.payload,
-            sent_at=datetime.now(UTC),
         ),
     )

@@ -12,6 +12,7 @@ from api import (
     channels,
     dashboard,
     deadletters,
+    messages,
     providers_routes,
     schedules,
     webhook_endpoints,
@@ -63,6 +64,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(providers_routes.routes)
     app.add_routes(schedules.routes)
     app.add_routes(webhook_endpoints.routes)
+    app.add_routes(messages.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)

@@ -120,6 +120,14 @@ class UserMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class BusinessMessage:
+    """The business sends first (a template): it joins the thread's open conversation, or opens one."""
+
+    event_id: str
+    new_conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class AgentAccepted:
     event_id: str
     agent_id: str
@@ -171,6 +179,7 @@ class ProcessingFailed:
 
 Event: TypeAlias = (
     UserMessage
+    | BusinessMessage
     | AgentAccepted
     | CloseRequested
     | ClosureDetected
@@ -253,6 +262,12 @@ def transition(
         now = current.updated_at
     if isinstance(event, UserMessage):
         return _user_message(current, event, now, policy, channel_id, contact_id)
+    if isinstance(event, BusinessMessage):
+        if current is not None and current.state is not State.CLOSED:
+            return Decision(current, False, ())  # joins the open conversation, changes nothing
+        opened: list[Effect] = []
+        conv = _open(current, event, now, policy, opened, channel_id, contact_id)
+        return _commit(current, conv, now, opened)
     if current is None:
         return Decision(None, False, ())
     if isinstance(event, TimerFired | SweepFired):
@@ -391,7 +406,7 @@ def _close_again(
 
 def _open(
     previous: Conversation | None,
-    event: UserMessage,
+    event: UserMessage | BusinessMessage,
     now: datetime,
     policy: LifecyclePolicy,
     fx: list[Effect],

@@ -16,6 +16,7 @@ import orjson
 from domain.actions import CLOSE, Action, Arm, Disarm, close_token
 from domain.lifecycle import (
     AgentAccepted,
+    BusinessMessage,
     CancelTimer,
     CloseRequested,
     Conversation,
@@ -39,6 +40,7 @@ from streams.records import (
     InboundMessage,
     LifecycleEvent,
     OutboundMessage,
+    SendRequested,
     StatusReceipt,
     TimerFiredRecord,
     conversation_id_for,
@@ -65,6 +67,8 @@ def to_domain(event: LifecycleEvent) -> Event:
         return CloseRequested(event.event_id, reason=event.reason, by=event.by)
     if isinstance(event, AcceptCommand):
         return AgentAccepted(event.event_id, agent_id=event.agent_id)
+    if isinstance(event, SendRequested):  # business-initiated: joins or opens the conversation
+        return BusinessMessage(event.event_id, new_conversation_id=conversation_id_for(event.event_id))
     if event.source == "sweep":
         return SweepFired(event.event_id, conversation_id=event.conversation_id, version=event.version)
     return TimerFired(
@@ -83,6 +87,8 @@ def cause_of(event: LifecycleEvent) -> str:
         return f"command:close:{event.by or 'api'}"
     if isinstance(event, AcceptCommand):
         return f"command:accept:{event.agent_id}"
+    if isinstance(event, SendRequested):
+        return f"send:{event.message_id}"
     return f"{event.source}:{event.due_at.isoformat()}"
 
 
@@ -107,6 +113,7 @@ class Plan:
     audit: list[tuple[Any, ...]] = field(default_factory=list)
     outbound: list[OutboundMessage] = field(default_factory=list)
     receipts: list[StatusReceipt] = field(default_factory=list)
+    sends: list[tuple[SendRequested, str]] = field(default_factory=list)  # (request, conversation id)
     actions: list[Action] = field(default_factory=list)  # in order; the last per (owner, name) counts
     emits: list[Emit] = field(default_factory=list)
     schedules: SchedulePlan = field(default_factory=SchedulePlan)
@@ -143,6 +150,10 @@ class Planner:
             return
         if isinstance(event, StatusReceipt):
             plan.receipts.append(event)
+            plan.applied += 1
+            return
+        if isinstance(event, SendRequested) and event.conversation_id is not None:
+            plan.sends.append((event, event.conversation_id))  # queued in the conversation's order
             plan.applied += 1
             return
         thread = (event.channel_id, event.contact_id)
@@ -210,6 +221,8 @@ class Planner:
                 plan.actions.append(Disarm(thread_key(*thread).decode(), CLOSE))
             elif isinstance(effect, Emit):
                 plan.emits.append(effect)
+        if isinstance(event, SendRequested) and conv is not None:
+            plan.sends.append((event, conv.id))  # the conversation it joined or opened
         plan.applied += 1
 
     def _message(self, conversation_id: str, event: InboundMessage) -> None:

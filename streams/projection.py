@@ -22,6 +22,7 @@ from streams.plan import Current, Plan, Planner, Thread
 from streams.receipts import apply_receipts
 from streams.records import SCHEDULE_RECORDS, ConversationEvent
 from streams.schedules_db import read_schedules, write_schedules
+from streams.sends_db import queue_sends
 from streams.topics import partition_of
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -228,6 +229,8 @@ async def _write(conn: Conn, plan: Plan, partitions: int) -> None:
         await conn.execute(_INSERT_EVENTS, *_columns(plan.audit, 9))
     if plan.outbound or plan.receipts:
         await apply_receipts(conn, plan.outbound, plan.receipts)
+    if plan.sends:
+        await queue_sends(conn, plan.sends, partitions)
     if plan.schedules and not await write_schedules(conn, plan.schedules):
         raise StaleVersion("a schedule changed under us")
     if plan.actions:

@@ -96,6 +96,21 @@ class OutboundMessage(Record):
     sent_at: AwareDatetime
 
 
+class SendRequested(Record):
+    """The business asks Parley to send a message (api/messages.py); the lifecycle agent queues it
+    in the conversation's order (outbound_sends) and agents/sender.py sends it."""
+
+    kind: Literal["message.send"] = "message.send"
+    event_id: str
+    message_id: str  # a uuid: Parley's id of the message, the provider echoes it in receipts
+    channel_id: str
+    contact_id: str
+    conversation_id: str | None  # None: business-initiated, joins or opens the thread's conversation
+    content: dict[str, Any]  # channels.outbound content, validated by the API
+    body_hash: str
+    requested_at: AwareDatetime
+
+
 class StatusReceipt(Record):
     """A provider's delivery receipt for an outbound message (sent, delivered, read, failed...)."""
 
@@ -161,13 +176,14 @@ ConversationEvent = Annotated[
     | AcceptCommand
     | TimerFiredRecord
     | OutboundMessage
+    | SendRequested
     | StatusReceipt
     | SchedulePut
     | ScheduleCommand
     | ScheduleDue,
     Field(discriminator="kind"),
 ]
-LifecycleEvent = InboundMessage | CloseCommand | AcceptCommand | TimerFiredRecord
+LifecycleEvent = InboundMessage | CloseCommand | AcceptCommand | TimerFiredRecord | SendRequested
 CONVERSATION_EVENT: TypeAdapter[ConversationEvent] = TypeAdapter(ConversationEvent)
 
 
@@ -187,6 +203,8 @@ def occurred_at(event: ConversationEvent) -> datetime:
         return event.fired_at
     if isinstance(event, OutboundMessage):
         return event.sent_at
+    if isinstance(event, SendRequested):
+        return event.requested_at
     return event.issued_at
 
 

@@ -270,6 +270,66 @@ async def retry_send(conn: Conn, send_id: str, now: datetime) -> asyncpg.Record 
     return await send_row(conn, send_id)
 
 
+_QUEUE = """
+INSERT INTO outbound_sends (id, conversation_id, channel_id, contact_id, partition, type, content, body_hash,
+                            status, accepted_at, updated_at)
+SELECT f.id, f.conv, f.ch, f.contact, f.p, f.type, f.content::jsonb, f.hash, 'queued', f.at, f.at
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[],
+            $9::timestamptz[]) WITH ORDINALITY AS f(id, conv, ch, contact, p, type, content, hash, at, n)
+ORDER BY f.n
+ON CONFLICT (id) DO NOTHING
+RETURNING id::text, seq
+"""
+_TO_SENDER = """
+INSERT INTO outbox (event_id, type, key, payload, created_at, partition, topic)
+SELECT f.event_id, 'message.send', f.key, f.payload::jsonb, f.at, f.p, 'sends'
+FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int[]) WITH ORDINALITY
+    AS f(event_id, key, payload, at, p, n)
+ORDER BY f.n
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+
+async def queue_sends(conn: Conn, sends: Sequence[tuple[Any, str]], partitions: int) -> None:
+    """Queue accepted sends (records.SendRequested, conversation id) in their order, and hand each
+    to the sender through the outbox (<prefix>.sends, keyed by channel). A repeat queues nothing."""
+    rows = [
+        (
+            r.message_id,
+            conv_id,
+            r.channel_id,
+            r.contact_id,
+            partition_of(r.channel_id.encode(), partitions),
+            str(r.content.get("type", "text")),
+            orjson.dumps(r.content).decode(),
+            r.body_hash,
+            r.requested_at,
+        )
+        for r, conv_id in sends
+    ]
+    queued = {row["id"]: row["seq"] for row in await conn.fetch(_QUEUE, *map(list, zip(*rows, strict=True)))}
+    handed = []
+    for row in rows:
+        if row[0] not in queued:
+            continue
+        payload = {
+            "id": row[0],
+            "conversation_id": row[1],
+            "channel_id": row[2],
+            "contact_id": row[3],
+            "partition": row[4],
+            "seq": queued[row[0]],
+            "type": row[5],
+            "content": orjson.loads(row[6]),
+            "status": "queued",
+            "attempts": 0,
+            "retry_base": 0,
+        }
+        handed.append((f"send:{row[0]}", row[2], orjson.dumps(payload).decode(), row[8], row[4]))
+    if handed:
+        await conn.execute(_TO_SENDER, *map(list, zip(*handed, strict=True)))
+
+
 def body_hash(content: dict[str, Any]) -> str:
     """The hash an Idempotency-Key's first body is remembered by."""
     import hashlib

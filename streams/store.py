@@ -225,6 +225,16 @@ class Store:
         row = await self.pool.fetchrow("SELECT * FROM conversations WHERE id = $1", conv_id)
         return _jsonable(row) if row else None
 
+    async def thread_conversation(self, channel_id: str, contact_id: str) -> dict[str, Any] | None:
+        """A thread's latest conversation (the open one, when there is one), or None."""
+        row = await self.pool.fetchrow(
+            "SELECT * FROM conversations WHERE channel_id = $1 AND contact_id = $2"
+            " ORDER BY thread_seq DESC LIMIT 1",
+            channel_id,
+            contact_id,
+        )
+        return _jsonable(row) if row else None
+
     async def messages(self, conv_id: str) -> list[dict[str, Any]]:
         """A conversation's messages in arrival order."""
         rows = await self.pool.fetch(

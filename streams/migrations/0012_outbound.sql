@@ -34,3 +34,7 @@ CREATE TABLE channel_send_state (
     reason     text,
     updated_at timestamptz NOT NULL
 );
+
+-- The outbox also hands accepted sends to <prefix>.sends (keyed by channel); its relay routes
+-- each row to its topic.
+ALTER TABLE outbox ADD COLUMN topic text NOT NULL DEFAULT 'outgoing-events';

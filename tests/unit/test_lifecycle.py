@@ -494,3 +494,17 @@ def test_custom_detector_is_used() -> None:
 def test_naive_now_is_rejected() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         run(None, msg("Oi"), datetime(2025, 1, 1))  # noqa: DTZ001
+
+
+def test_business_message_joins_an_open_conversation_or_opens_one() -> None:
+    from domain.lifecycle import BusinessMessage
+
+    policy = LifecyclePolicy()
+    t0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+    opened = transition(None, BusinessMessage("b1", "c1"), t0, policy, channel_id="ch", contact_id="u")
+    conv = opened.conversation
+    assert opened.changed and conv is not None
+    assert (conv.id, conv.state, conv.version) == ("c1", State.IDLE, 1)
+    assert any(isinstance(e, SetTimer) for e in opened.effects)
+    joined = transition(conv, BusinessMessage("b2", "c2"), t0, policy, channel_id="ch", contact_id="u")
+    assert not joined.changed and joined.conversation == conv and joined.effects == ()
