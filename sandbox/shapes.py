@@ -1,6 +1,7 @@
-"""The bodies the simulator answers and posts, built to the providers' documented shapes.
+"""The bodies the simulator answers and posts, built to the providers' documented shapes, and
+the checks of the requests it receives.
 
-Pure builders (no IO; ids and times are passed in or drawn from `secrets`). Sources:
+Pure builders and checks (no IO; ids and times are passed in or drawn from `secrets`). Sources:
 
 * Graph API errors and WhatsApp codes: developers.facebook.com/docs/whatsapp/cloud-api/support/
   error-codes and /docs/graph-api/guides/error-handling: {"error": {"message": "(#<code>) <title>",
@@ -22,6 +23,9 @@ import secrets
 from email.utils import formatdate
 from typing import Any
 
+_MEDIA_TYPES = frozenset({"image", "audio", "video", "document", "sticker"})
+_WA_TYPES = _MEDIA_TYPES | {"text", "template", "interactive", "location", "contacts", "reaction"}
+_E164 = re.compile(r"\+?[1-9][0-9]{6,14}")
 GRAPH_ERRORS_URL = "https://developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes/"
 
 # code: (HTTP status, title, details). The titles are Meta's; `details` is what error_data carries.
@@ -243,3 +247,69 @@ def twilio_status_form(
         form["ErrorCode"] = str(error_code)
         form["ErrorMessage"] = TW_ERRORS.get(error_code, (400, "Unknown error"))[1]
     return form
+
+
+# ---- requests: what the providers refuse as malformed ------------------------------------------
+
+
+def wa_body_problem(body: object, templates: list[str] | None) -> tuple[int, str] | None:
+    """(code, details) of what is wrong with a send body, or None when it is well-formed."""
+    if not isinstance(body, dict):
+        return 100, "The request body must be a JSON object"
+    if body.get("messaging_product") != "whatsapp":
+        return 100, "The parameter messaging_product is required and must be 'whatsapp'"
+    to = body.get("to")
+    if not isinstance(to, str) or not to.strip():
+        return 100, "The parameter to is required"
+    if body.get("recipient_type", "individual") != "individual":
+        return 100, "recipient_type must be 'individual'"
+    kind = body.get("type", "text")
+    if kind not in _WA_TYPES:
+        return 100, f"Unsupported message type: {str(kind)[:40]}"
+    content = body.get(kind)
+    if not isinstance(content, dict):
+        return 100, f"The parameter {kind} is required and must be an object"
+    opaque = body.get("biz_opaque_callback_data")
+    if opaque is not None and (not isinstance(opaque, str) or len(opaque) > 512):
+        return 100, "biz_opaque_callback_data must be a string of at most 512 characters"
+    return _content_problem(kind, content, templates)
+
+
+def _content_problem(
+    kind: str, content: dict[str, Any], templates: list[str] | None
+) -> tuple[int, str] | None:
+    if kind == "text":
+        text = content.get("body")
+        if not isinstance(text, str) or not text or len(text) > 4096:
+            return 100, "text.body is required: a string of 1 to 4096 characters"
+    elif kind in _MEDIA_TYPES:
+        if not isinstance(content.get("link"), str) and not isinstance(content.get("id"), str):
+            return 100, f"{kind}.link or {kind}.id is required"
+        caption = content.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            return 100, f"{kind}.caption must be a string"
+    elif kind == "template":
+        name = content.get("name")
+        language = content.get("language")
+        if not isinstance(name, str) or not name:
+            return 100, "template.name is required"
+        if not isinstance(language, dict) or not isinstance(language.get("code"), str):
+            return 100, "template.language.code is required"
+        if not isinstance(content.get("components", []), list):
+            return 100, "template.components must be a list"
+        if templates is not None and name not in templates:
+            return 132001, f"template name ({name[:60]}) does not exist in {language['code'][:10]}"
+    return None
+
+
+def twilio_form_problem(form: dict[str, str], media: list[str]) -> int | None:
+    """The Twilio error code of a malformed create request, or None."""
+    if not form.get("To"):
+        return 21604
+    if not form.get("From"):
+        return 21603
+    if not form.get("Body") and not media and not form.get("ContentSid"):
+        return 21619
+    if not _E164.fullmatch(form["To"].removeprefix("whatsapp:")):
+        return 21211
+    return None

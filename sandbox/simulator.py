@@ -51,7 +51,6 @@ import hmac
 import json
 import logging
 import random
-import re
 import signal
 import time
 from collections import Counter
@@ -71,9 +70,6 @@ log = logging.getLogger("sandbox.simulator")
 
 # Query parameters of a Twilio StatusCallback URL that may carry Parley's own message id.
 MESSAGE_ID_PARAMS = ("parley_message_id", "message_id", "mid")
-_MEDIA_TYPES = frozenset({"image", "audio", "video", "document", "sticker"})
-_WA_TYPES = _MEDIA_TYPES | {"text", "template", "interactive", "location", "contacts", "reaction"}
-_E164 = re.compile(r"\+?[1-9][0-9]{6,14}")
 
 
 class _Model(BaseModel):
@@ -391,7 +387,7 @@ class Simulator:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             return self._refuse_wa(100, details="The request body is not valid JSON")
-        problem = _wa_body_problem(body, state.config.templates)
+        problem = shapes.wa_body_problem(body, state.config.templates)
         if problem is not None:
             code, details = problem
             return self._refuse_wa(code, details=details)
@@ -502,7 +498,7 @@ class Simulator:
             return self._refuse_twilio(21619, "The request body is not a valid form")
         form = dict(pairs)
         media = [v for k, v in pairs if k == "MediaUrl"]
-        problem = _twilio_form_problem(form, media)
+        problem = shapes.twilio_form_problem(form, media)
         if problem is not None:
             return self._refuse_twilio(problem)
         failure = self._take_failure("twilio", account_sid, form["To"])
@@ -808,69 +804,6 @@ def _basic_auth_ok(header: str | None, account: TwilioAccount) -> bool:
     return hmac.compare_digest(login.encode(), account.account_sid.encode()) and hmac.compare_digest(
         password.encode(), account.auth_token.encode()
     )
-
-
-def _wa_body_problem(body: object, templates: list[str] | None) -> tuple[int, str] | None:
-    """(code, details) of what is wrong with a send body, or None when it is well-formed."""
-    if not isinstance(body, dict):
-        return 100, "The request body must be a JSON object"
-    if body.get("messaging_product") != "whatsapp":
-        return 100, "The parameter messaging_product is required and must be 'whatsapp'"
-    to = body.get("to")
-    if not isinstance(to, str) or not to.strip():
-        return 100, "The parameter to is required"
-    if body.get("recipient_type", "individual") != "individual":
-        return 100, "recipient_type must be 'individual'"
-    kind = body.get("type", "text")
-    if kind not in _WA_TYPES:
-        return 100, f"Unsupported message type: {str(kind)[:40]}"
-    content = body.get(kind)
-    if not isinstance(content, dict):
-        return 100, f"The parameter {kind} is required and must be an object"
-    opaque = body.get("biz_opaque_callback_data")
-    if opaque is not None and (not isinstance(opaque, str) or len(opaque) > 512):
-        return 100, "biz_opaque_callback_data must be a string of at most 512 characters"
-    return _content_problem(kind, content, templates)
-
-
-def _content_problem(
-    kind: str, content: dict[str, Any], templates: list[str] | None
-) -> tuple[int, str] | None:
-    if kind == "text":
-        text = content.get("body")
-        if not isinstance(text, str) or not text or len(text) > 4096:
-            return 100, "text.body is required: a string of 1 to 4096 characters"
-    elif kind in _MEDIA_TYPES:
-        if not isinstance(content.get("link"), str) and not isinstance(content.get("id"), str):
-            return 100, f"{kind}.link or {kind}.id is required"
-        caption = content.get("caption")
-        if caption is not None and not isinstance(caption, str):
-            return 100, f"{kind}.caption must be a string"
-    elif kind == "template":
-        name = content.get("name")
-        language = content.get("language")
-        if not isinstance(name, str) or not name:
-            return 100, "template.name is required"
-        if not isinstance(language, dict) or not isinstance(language.get("code"), str):
-            return 100, "template.language.code is required"
-        if not isinstance(content.get("components", []), list):
-            return 100, "template.components must be a list"
-        if templates is not None and name not in templates:
-            return 132001, f"template name ({name[:60]}) does not exist in {language['code'][:10]}"
-    return None
-
-
-def _twilio_form_problem(form: dict[str, str], media: list[str]) -> int | None:
-    """The Twilio error code of a malformed create request, or None."""
-    if not form.get("To"):
-        return 21604
-    if not form.get("From"):
-        return 21603
-    if not form.get("Body") and not media and not form.get("ContentSid"):
-        return 21619
-    if not _E164.fullmatch(form["To"].removeprefix("whatsapp:")):
-        return 21211
-    return None
 
 
 # ---- command line ------------------------------------------------------------------------------
