@@ -13,9 +13,11 @@ What it imitates, and where the shapes come from (checked against the providers'
   "wa_id"}], "messages": [{"id": "wamid...."}]}``. Error bodies follow Graph's error object
   (``message "(#code) title"``, type, code, error_subcode?, error_data {messaging_product,
   details}, fbtrace_id; /docs/whatsapp/cloud-api/support/error-codes).
-* Limits (/docs/whatsapp/throughput and the error-code page): throughput per business number,
-  80 messages/s by default, refused with code 130429; the pair rate per (number, user), about
-  one message every 6 s with a burst of about 45 that is then paid back, refused with 131056.
+* Limits (the error-code page; Meta's throughput page is summarised the same way by third-party
+  guides): throughput per business number, 80 messages/s by default, refused with code 130429;
+  the pair rate per (number, user), about one message every 6 s, refused with 131056. The burst
+  of about 45 that is then paid back comes from Meta's pair-rate description as relayed in this
+  task's brief (not found in the stored doc copies); both numbers are per-number settings.
   Meta's own table lists these throttling codes with HTTP 400 in places and 429 in others; the
   simulator answers 429 unless a number says otherwise (``throttle_http_status``). A sender
   must branch on ``error.code``, never on the HTTP status alone.
