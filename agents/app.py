@@ -13,6 +13,7 @@ from agents.ledger import LedgerPruner
 from agents.lifecycle import LifecycleAgent
 from agents.metrics import serve
 from agents.outbox import OutboxRelay
+from agents.sender import SendAgent
 from agents.sweep import Sweep
 from agents.webhooks import WebhookAgent
 from streams.settings import Settings
@@ -92,6 +93,11 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     webhooks = WebhookAgent(app, settings, outgoing, lifecycle.pool, lifecycle.dead_letter, lifecycle.fatal)
     webhooks.register()
     dispatcher = webhooks.dispatcher
+    sends = app.topic(topics.sends, key_serializer="raw", value_serializer="raw")
+    sending = SendAgent(app, settings, sends, lifecycle.pool, lifecycle.fatal)
+    sending.sender.park = lifecycle.park_send
+    sending.register()
+    sender = sending.sender
 
     async def metrics() -> None:
         def gauges() -> dict[str, float]:
@@ -118,6 +124,12 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_webhook_parked_total": dispatcher.parked,
                 "parley_webhook_pending": dispatcher.pending,
                 "parley_webhook_in_flight": sum(dispatcher.inflight.values()),
+                "parley_sends_sent_total": sender.sent,
+                "parley_sends_failed_total": sender.failed,
+                "parley_sends_retried_total": sender.retried,
+                "parley_sends_in_doubt_total": sender.in_doubt,
+                "parley_sends_resent_after_doubt_total": sender.resends_in_doubt,
+                "parley_sends_pending": sender.pending,
             }
 
         def health() -> str | None:

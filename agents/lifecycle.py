@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 import faust
+import orjson
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
@@ -197,6 +198,25 @@ class LifecycleAgent:
             attempts=attempts,
             failed_at=datetime.now(UTC),
         )
+        await self._park_letter(msg.key, letter, f"{msg.topic}[{msg.partition}]@{msg.offset}")
+
+    async def park_send(self, send: Any, error: str) -> None:
+        """A dead letter for an outbound message that failed for good (agents/sender.py): where
+        operators look for what did not go out; `POST /v1/messages/{id}/retry` sends it again."""
+        raw = orjson.dumps({"message_id": send.id, "conversation_id": send.conversation_id, **send.content})
+        letter = DeadLetter.bounded(
+            source_topic=self.topics.sends,
+            partition=send.partition,
+            offset=-1,  # not a record of the topic: the send's state is in outbound_sends
+            key=send.channel_id,
+            raw=raw,
+            error=f"{error} (retry with POST /v1/messages/{send.id}/retry)",
+            attempts=send.attempts,
+            failed_at=datetime.now(UTC),
+        )
+        await self._park_letter(send.channel_id.encode(), letter, f"send {send.id}")
+
+    async def _park_letter(self, key: bytes | None, letter: DeadLetter, what: str) -> None:
         value = letter.model_dump_json().encode()
         delay = 0.1
         while True:
@@ -204,15 +224,13 @@ class LifecycleAgent:
             # A bounded letter always fits in a record, so what remains is the broker being
             # unavailable: retry, holding the partition, until it takes the letter.
             try:
-                await self._produce_letter(msg.key, value)
+                await self._produce_letter(key, value)
                 break
             except Exception as exc:  # noqa: BLE001 - any producer failure: retry
                 self.parking_failures += 1
                 log.error(
-                    "lifecycle: parking %s[%d]@%d failed (%s: %s); retrying in %.1fs",
-                    msg.topic,
-                    msg.partition,
-                    msg.offset,
+                    "lifecycle: parking %s failed (%s: %s); retrying in %.1fs",
+                    what,
                     type(exc).__name__,
                     exc,
                     delay,

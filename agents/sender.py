@@ -505,12 +505,20 @@ class SendAgent:
         )
 
     async def handle(self, batch: list[Any]) -> None:
-        """The sends are in Postgres already (the lifecycle agent queued them): take them in."""
-        sends = []
+        """Take the batch's sends in. A record only says which send to look at: its state is read
+        from Postgres (the lifecycle agent queued it there), so a record seen twice, or one
+        re-driven from the dead letters, can never send what is already sent or failed."""
+        ids = []
         for event in batch:
             try:
-                data = orjson.loads(bytes(event.message.value))["data"]
-                sends.append(db.send_of({**data, "next_attempt_at": None, "sending_at": None}))
+                ids.append(str(orjson.loads(bytes(event.message.value))["data"]["id"]))
             except Exception as exc:  # noqa: BLE001 - unreadable: the reload from Postgres has it
                 log.error("sender: unreadable record at offset %d: %s", event.message.offset, exc)
-        self.sender.add(sends)
+        if not ids:
+            return
+
+        async def read() -> list[db.Send]:
+            async with (await self.pool()).acquire() as conn:
+                return await db.open_sends_by_id(conn, ids)
+
+        self.sender.add(await retry_forever(read, f"sender: reading {len(ids)} sends"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +20,7 @@ from aiohttp import web
 from api.context import CONTEXT, Context, error
 from api.deadletters import REDRIVERS
 from api.ingress import KafkaUnavailable
-from channels import normalize, twilio, whatsapp
+from channels import normalize, outbound, twilio, whatsapp
 from channels.signatures import SignatureError
 from streams.records import DeadLetter, InboundMessage, StatusReceipt, keyed
 
@@ -91,6 +92,7 @@ def _wa_events(
             errors=list(st.errors),
             payload=st.payload,
             received_at=now,
+            message_id=parley_message_id(st.payload.get("biz_opaque_callback_data")),
         )
         events.append(_fitting(receipt, f"status of {st.provider_message_id[:100]!r}"))
     for err in batch.errors:
@@ -225,7 +227,20 @@ async def whatsapp_webhook(request: web.Request) -> web.Response:
     return web.json_response({"accepted": len(events), "parked": len(letters)})
 
 
-def _tw_event(channel_id: str, item: twilio.TwMessage | twilio.TwStatus, now: datetime) -> Event:
+def parley_message_id(value: object) -> str | None:
+    """Parley's id of a message it sent, as a provider echoes it (biz_opaque_callback_data, the
+    status callback URL); None unless it is one of ours (a uuid)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def _tw_event(
+    channel_id: str, item: twilio.TwMessage | twilio.TwStatus, now: datetime, message_id: str | None = None
+) -> Event:
     if isinstance(item, twilio.TwMessage):
         rec = InboundMessage(
             event_id=f"twilio:{channel_id}:{item.provider_message_id}",
@@ -252,6 +267,7 @@ def _tw_event(channel_id: str, item: twilio.TwMessage | twilio.TwStatus, now: da
         errors=errors,
         payload=item.payload,
         received_at=now,
+        message_id=parley_message_id(message_id),
     )
     return _fitting(receipt, f"status of {item.provider_message_id[:100]!r}")
 
@@ -271,9 +287,15 @@ async def twilio_webhook(request: web.Request) -> web.Response:
     channel = await ctx.channels.get_by("twilio", "account_sid", account) if account else None
     # An unknown account is checked against a token nobody has: it fails like a wrong signature.
     channel_id, config = channel or ("", {"auth_tokens": [_NOBODYS_TOKEN], "public_url": ""})
+    # A status callback of a message Parley sent was called at the URL the sender gave Twilio
+    # (public_url plus Parley's message id, channels/outbound.py), and Twilio signed that URL.
+    message_id = request.query.get(outbound.CALLBACK_PARAM)
+    signed_url = config["public_url"]
+    if message_id is not None and signed_url:
+        signed_url = outbound.twilio_status_callback(signed_url, message_id)
     try:
         _verify_any(  # any active auth token (several during a rotation)
-            lambda tok, *a: twilio.verify_signature(tok, config["public_url"], *a),
+            lambda tok, *a: twilio.verify_signature(tok, signed_url, *a),
             config["auth_tokens"],
             form,
             request.headers.get("X-Twilio-Signature"),
@@ -289,7 +311,7 @@ async def twilio_webhook(request: web.Request) -> web.Response:
     except twilio.TwilioPayloadError as exc:
         return error(422, f"not a Twilio message or status callback: {exc}")
     try:
-        event = _tw_event(channel_id, item, datetime.now(UTC))
+        event = _tw_event(channel_id, item, datetime.now(UTC), message_id)
     except normalize.IngressError as exc:
         log.warning("twilio webhook refused (%d): %s", exc.status, exc)
         return error(exc.status, str(exc))

@@ -125,6 +125,7 @@ class StatusReceipt(Record):
     errors: list[dict[str, Any]] = Field(default_factory=list)
     payload: dict[str, Any] = Field(default_factory=dict)
     received_at: AwareDatetime
+    message_id: str | None = None  # Parley's id, when Parley sent it (the provider echoes it)
 
 
 class SchedulePut(Record):

@@ -65,6 +65,17 @@ async def open_sends(conn: Conn, partitions: Iterable[int]) -> list[Send]:
     return [send_of(r) for r in rows]
 
 
+async def open_sends_by_id(conn: Conn, ids: Sequence[str]) -> list[Send]:
+    """These sends, if still queued or in doubt, in acceptance order."""
+    rows = await conn.fetch(
+        f"SELECT {_SEND_COLUMNS} FROM outbound_sends WHERE id = ANY($1::uuid[]) AND status = ANY($2::text[])"
+        " ORDER BY seq",
+        list(ids),
+        list(OPEN),
+    )
+    return [send_of(r) for r in rows]
+
+
 async def send_row(conn: Conn, send_id: str) -> asyncpg.Record | None:
     """One send with everything the API shows."""
     return await conn.fetchrow(

@@ -52,13 +52,18 @@ class Topics:
         """Events Parley emits (a schedule fired, ...), published from the outbox table."""
         return f"{self.prefix}.outgoing-events"
 
+    @property
+    def sends(self) -> str:
+        """Accepted outbound messages, keyed by channel: one worker paces each business number."""
+        return f"{self.prefix}.sends"
+
     def sources(self) -> list[str]:
         """Topics that are the source of truth for replay (long retention)."""
         return [self.conversation_events]
 
     def all(self) -> list[str]:
         """Every topic the project creates."""
-        return [*self.sources(), self.dead_letters, self.outgoing_events]
+        return [*self.sources(), self.dead_letters, self.outgoing_events, self.sends]
 
 
 async def ensure_topics(settings: Settings) -> Topics:
