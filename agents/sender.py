@@ -166,6 +166,19 @@ class Sender:
     def wake(self) -> None:
         self._wake.set()
 
+    def settled(self, key: LaneKey) -> None:
+        """A status webhook settled this lane's head (in doubt): check it now, not at the timeout."""
+        lane = self.lanes.lanes.get(key)
+        if (
+            lane is not None
+            and lane.state == "waiting"
+            and lane.queue
+            and lane.queue[0][2].status == "sending"
+        ):
+            self.lanes.wheel.cancel(key)
+            self.lanes.make_ready(key)
+            self._wake.set()
+
     async def reload(self, partitions: Iterable[int]) -> int:
         """Add the open sends Postgres has for these partitions; returns how many were new."""
         wanted = set(partitions)
@@ -242,7 +255,16 @@ class Sender:
                 self.inflight[channel_id] = self.inflight.get(channel_id, 0) + 1
                 self.busy[key] = asyncio.ensure_future(self._attempt(key, send, view))
 
+    def _release(self, channel_id: str, slot: list[bool]) -> None:
+        # The request is over: the channel's slot frees now; the lane stays busy until the
+        # outcome is stored, so the conversation's order is unchanged (as in agents/webhooks.py).
+        if slot[0]:
+            slot[0] = False
+            self.inflight[channel_id] -= 1
+            self._wake.set()
+
     async def _attempt(self, key: LaneKey, s: db.Send, view: ChannelView) -> None:
+        slot = [True]  # this attempt holds one of the channel's in-flight slots
         try:
             if s.status == "sending":  # in doubt: did the provider's status webhook settle it?
                 if not await self._still_in_doubt(s.id):
@@ -251,13 +273,12 @@ class Sender:
                 self.resends_in_doubt += 1
                 log.warning("sender: %s still in doubt after %.0fs; sending again", s.id, self.in_doubt_wait)
                 s = replace(s, status="queued")
-            await self._send(key, s, view)
+            await self._send(key, s, view, slot)
         finally:
             self.busy.pop(key, None)
-            self.inflight[view.id] -= 1
-            self._wake.set()
+            self._release(view.id, slot)
 
-    async def _send(self, key: LaneKey, s: db.Send, view: ChannelView) -> None:
+    async def _send(self, key: LaneKey, s: db.Send, view: ChannelView, slot: list[bool]) -> None:
         attempt = s.attempts + 1
         left_at = datetime.now(UTC)
         await self.leaving.store(db.Leaving(s.id, attempt, left_at))
@@ -268,6 +289,7 @@ class Sender:
             result = outbound.SendOutcome("failed", code="parley", title=str(exc))
         else:
             answer = await self.http.post(request.url, request.body, request.headers)
+            self._release(view.id, slot)
             classify = outbound.classify_whatsapp if view.provider == "whatsapp" else outbound.classify_twilio
             result = classify(
                 answer.status,
@@ -488,6 +510,10 @@ class SendAgent:
         text = str(payload)
         if text.startswith("channel:"):
             self.sender.channels_changed()
+            return
+        if text.startswith("settled:"):  # a receipt settled a send in doubt: its lane goes on now
+            channel_id, _, contact_id = text.removeprefix("settled:").partition("\n")
+            self.sender.settled((channel_id, contact_id))
             return
         partition = int(text)
         if partition in self.owned():

@@ -22,7 +22,7 @@ from streams.plan import Current, Plan, Planner, Thread
 from streams.receipts import apply_receipts
 from streams.records import SCHEDULE_RECORDS, ConversationEvent
 from streams.schedules_db import read_schedules, write_schedules
-from streams.sends_db import queue_sends
+from streams.sends_db import queue_sends, settle_from_receipts
 from streams.topics import partition_of
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -227,6 +227,8 @@ async def _write(conn: Conn, plan: Plan, partitions: int) -> None:
         await conn.execute(_INSERT_MESSAGES, *_columns(plan.messages, 8))
     if plan.audit:
         await conn.execute(_INSERT_EVENTS, *_columns(plan.audit, 9))
+    if plan.receipts:
+        await settle_from_receipts(conn, plan.receipts, partitions)  # sends in doubt: the provider took them
     if plan.outbound or plan.receipts:
         await apply_receipts(conn, plan.outbound, plan.receipts)
     if plan.sends:

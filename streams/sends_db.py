@@ -194,27 +194,75 @@ async def record_outcomes(conn: Conn, outcomes: Sequence[Outcome], partitions: i
             [o.error_title for o in outcomes],
             [o.at for o in outcomes],
         )
-        sent = [o for o in outcomes if o.status == "sent" and o.provider_message_id]
-        if sent:
-            await conn.execute(
-                _MESSAGES,
-                [o.send.conversation_id for o in sent],
-                [o.send.channel_id for o in sent],
-                [o.send.contact_id for o in sent],
-                [o.provider_message_id for o in sent],
-                [o.send.type for o in sent],
-                [_text_of(o.send.content) for o in sent],
-                [orjson.dumps(o.send.content).decode() for o in sent],
-                [o.at for o in sent],
-            )
-        final = [_event(o, partitions) for o in outcomes if o.status in ("sent", "failed")]
-        if final:
-            await conn.execute(_EVENTS, *map(list, zip(*final, strict=True)))
+        await _messages_and_events(conn, outcomes, partitions)
+
+
+async def _messages_and_events(conn: Conn, outcomes: Sequence[Outcome], partitions: int) -> None:
+    """A sent message's `messages` row, and the final outcomes' events."""
+    sent = [o for o in outcomes if o.status == "sent" and o.provider_message_id]
+    if sent:
+        await conn.execute(
+            _MESSAGES,
+            [o.send.conversation_id for o in sent],
+            [o.send.channel_id for o in sent],
+            [o.send.contact_id for o in sent],
+            [o.provider_message_id for o in sent],
+            [o.send.type for o in sent],
+            [_text_of(o.send.content) for o in sent],
+            [orjson.dumps(o.send.content).decode() for o in sent],
+            [o.at for o in sent],
+        )
+    final = [_event(o, partitions) for o in outcomes if o.status in ("sent", "failed")]
+    if final:
+        await conn.execute(_EVENTS, *map(list, zip(*final, strict=True)))
 
 
 def _text_of(content: dict[str, Any]) -> str | None:
     text = content.get("text") or content.get("caption") or content.get("name")
     return str(text) if text is not None else None
+
+
+_SETTLE = """
+UPDATE outbound_sends s SET status = 'sent', provider_message_id = f.pid, sent_at = f.at, updated_at = f.at
+FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS f(id, pid, at)
+WHERE s.id = f.id AND s.status = 'sending' AND s.provider_message_id IS NULL
+RETURNING s.id::text, s.conversation_id::text, s.channel_id, s.contact_id, s.partition, s.seq, s.type,
+          s.content, s.status, s.attempts, s.retry_base, s.next_attempt_at, s.sending_at, f.pid, f.at
+"""
+
+
+async def settle_from_receipts(conn: Conn, receipts: Sequence[Any], partitions: int) -> int:
+    """Status webhooks of sends whose answer never came (in doubt): the provider did take them.
+    Mark them sent with the provider's id, so the sender does not send them again, before the
+    receipts themselves are applied to the messages they create."""
+    mine = [r for r in receipts if getattr(r, "message_id", None)]
+    if not mine:
+        return 0
+    first: dict[str, Any] = {}
+    for r in mine:
+        first.setdefault(r.message_id, r)
+    rows = await conn.fetch(
+        _SETTLE,
+        list(first),
+        [r.provider_message_id for r in first.values()],
+        [r.received_at for r in first.values()],
+    )
+    if rows:
+        outcomes = [
+            Outcome(
+                send_of({k: row[k] for k in row.keys() if k not in ("pid", "at")}),
+                "sent",
+                row["at"],
+                provider_message_id=row["pid"],
+            )
+            for row in rows
+        ]
+        await _messages_and_events(conn, outcomes, partitions)
+        for row in rows:  # the sender may be waiting for exactly this: wake that conversation now
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", SENDS_CHANNEL, f"settled:{row['channel_id']}\n{row['contact_id']}"
+            )
+    return len(rows)
 
 
 async def still_in_doubt(conn: Conn, send_id: str) -> bool:
