@@ -337,10 +337,14 @@ class Scheduler:
                 continue
             have = unpack(store.get(owner))
             want = wanted.get(owner, {})
-            new = {k: v for k, v in have.items() if wheel_key(owner, k) in touched} if full else dict(have)
-            for name, entry in want.items():
-                if wheel_key(owner, name) not in touched:
-                    new[name] = entry
+            if not touched:  # the common case: nothing changed meanwhile, no key to build
+                new = dict(want) if full else {**have, **want}
+            else:
+                kept = {k: v for k, v in have.items() if wheel_key(owner, k) in touched}
+                new = kept if full else dict(have)
+                for name, entry in want.items():
+                    if wheel_key(owner, name) not in touched:
+                        new[name] = entry
             if new == have:
                 continue
             for name in have.keys() - new.keys():
