@@ -85,6 +85,7 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
         lifecycle.pool, settings.topic_retention, settings.ledger_prune_margin, settings.ledger_prune_interval
     )
     app.task(lifecycle.scheduler.run)
+    app.task(lifecycle.scheduler.load_ahead)
     app.task(sweep.run)
     app.task(pruner.run)
     outgoing = app.topic(topics.outgoing_events, key_serializer="raw", value_serializer="raw")
@@ -110,6 +111,9 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_timers_fired_total": lifecycle.scheduler.fired,
                 "parley_timers_repaired_total": lifecycle.scheduler.repaired,
                 "parley_timers_dropped_total": lifecycle.scheduler.dropped,
+                "parley_timers_loaded_total": lifecycle.scheduler.loaded,
+                # every owned action due before this (ms since epoch) is in memory; 0: not loaded yet
+                "parley_timers_loaded_until_ms": lifecycle.scheduler.horizon.loaded_until,
                 "parley_timer_lateness_p99_ms": lateness[int(0.99 * (len(lateness) - 1))],
                 "parley_sweep_runs_total": sweep.runs,
                 "parley_sweep_refired_total": sweep.refired_total,

@@ -81,7 +81,9 @@ class LifecycleAgent:
         self.policy = settings.policy()
         self.topics = topics
         self.source = app.topic(topics.conversation_events, key_serializer="raw", value_serializer="raw")
-        self.scheduler = Scheduler(app, self.source, settings.topic_partitions)
+        self.scheduler = Scheduler(
+            app, self.source, settings.topic_partitions, horizon=settings.scheduler_horizon
+        )
         self.dead_letters = app.topic(topics.dead_letters, key_serializer="raw", value_serializer="raw")
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()

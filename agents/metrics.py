@@ -12,8 +12,12 @@ Health = Callable[[], str | None]
 
 
 def render(values: dict[str, float]) -> str:
-    """Prometheus exposition text for flat name -> value pairs."""
-    return "".join(f"{name} {value:g}\n" for name, value in sorted(values.items()))
+    """Prometheus exposition text for flat name -> value pairs (ints exact: a timestamp in ms
+    would lose its last digits to %g)."""
+    return "".join(
+        f"{name} {value if isinstance(value, int) else format(value, 'g')}\n"
+        for name, value in sorted(values.items())
+    )
 
 
 async def serve(host: str, port: int, gauges: Gauges, health: Health) -> web.AppRunner:

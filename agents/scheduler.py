@@ -1,9 +1,10 @@
-"""Scheduled actions: a Faust table (the worker's store) plus an in-memory timer wheel (the index).
+"""Scheduled actions: a Faust table (the worker's store) plus an in-memory timer wheel (the index),
+both holding only the actions due within the time horizon.
 
 The table "actions" is keyed by owner (the Kafka key of the conversation topic) and uses the
 producer's partitioner, so Faust assigns each owner's entry with the owner's partition of the
-topic; its value holds every action pending for that owner (a small map name -> token, due). The
-wheel indexes (owner, name) pairs of the partitions this worker owns, and only those.
+topic; its value holds the owner's actions due within the horizon (a small map name -> token,
+due). The wheel indexes (owner, name) pairs of the partitions this worker owns, and only those.
 
 Postgres' scheduled_actions is the durable store: every arming and disarming is written there in
 the transaction of the change that made it. So the table is written in memory only, never to its
@@ -11,6 +12,16 @@ changelog: after each assignment the worker loads its partitions' rows from Post
 indexed query, see reconcile) and drops what it no longer owns. Replaying a changelog would
 restore the same thing three times slower (Faust applies it record by record: 9 s vs 2.8 s for
 100,000 actions here) and cost a produce per change on the hot path.
+
+Time horizon (domain/horizon.py). Memory holds only the actions due before `loaded_until`, about
+PARLEY_SCHEDULER_HORIZON (10 min) ahead; later ones stay in Postgres, indexed by (partition,
+due_at), and `load_ahead` reads the next slice `[loaded_until, now + horizon)` of the owned
+partitions (one range query) whenever only half a horizon is left. An arming goes to memory only
+when due before the horizon (or the running load's target); a later one is in Postgres already and
+comes in with its slice. So memory is bounded by what falls due within one horizon, whatever is
+pending beyond it, and recovery after an assignment reads only that much. The Faust table stays
+the store of the horizon's actions, co-partitioned with the topic: bounded by the horizon, it is
+cheap; keeping it keeps one owner-keyed store the revocation and the firing loop read.
 
 A due action is not acted on here: it becomes its firing event (streams/firings.py) on the
 owner's partition, applied by the lifecycle agent in order with everything else. Firing twice is
@@ -25,13 +36,14 @@ import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import faust
 
 from domain.actions import Action, Arm, due_ms, last_per_action
+from domain.horizon import Horizon, at
 from domain.timer_wheel import TimerWheel
 from streams.firings import firing
 from streams.topics import partition_of
@@ -91,22 +103,40 @@ def owned_partitions(app: faust.App, topic: faust.TopicT) -> set[int]:
     return {tp.partition for tp in assignment if tp.topic == name}
 
 
-# The owned partitions' rows; the NULL ones were carried over by a migration (no partition yet).
-_PENDING = """
-SELECT owner, name, token, due_at, partition FROM scheduled_actions
-WHERE partition = ANY($1::int[]) OR partition IS NULL
-"""
+# Rows carried over by a migration have no partition yet (SQL has no murmur2): filled in first,
+# so the range queries below, which go through the (partition, due_at) index, see them.
+_UNFILLED = "SELECT owner, name FROM scheduled_actions WHERE partition IS NULL"
 _FILL_PARTITION = """
 UPDATE scheduled_actions a SET partition = f.p
 FROM unnest($1::text[], $2::text[], $3::int[]) AS f(owner, name, p)
 WHERE a.owner = f.owner AND a.name = f.name AND a.partition IS NULL
 """
+# After an assignment: the owned partitions' rows due before the horizon.
+_UP_TO = """
+SELECT owner, name, token, due_at FROM scheduled_actions
+WHERE partition = ANY($1::int[]) AND due_at < $2
+"""
+# Advancing the horizon: the next slice of the owned partitions.
+_WINDOW = """
+SELECT owner, name, token, due_at FROM scheduled_actions
+WHERE partition = ANY($1::int[]) AND due_at >= $2 AND due_at < $3
+"""
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class Scheduler:
     """The actions table, its wheel, and the loop that turns due actions into events."""
 
-    def __init__(self, app: faust.App, source: faust.TopicT, partitions: int) -> None:
+    def __init__(
+        self,
+        app: faust.App,
+        source: faust.TopicT,
+        partitions: int,
+        horizon: timedelta = timedelta(minutes=10),
+    ) -> None:
         self.app = app
         self.source = source
         self.partitions = partitions
@@ -118,17 +148,20 @@ class Scheduler:
             use_partitioner=True,
             help="pending scheduled actions per owner (conversation thread or schedule key)",
         )
-        self.wheel: TimerWheel[bytes] = TimerWheel(int(time.time() * 1000))
+        self.wheel: TimerWheel[bytes] = TimerWheel(_now_ms())
+        self.horizon = Horizon(int(horizon / timedelta(milliseconds=1)))
+        self._loading = asyncio.Lock()  # one load (reconcile or advance) at a time
         self.pool: Callable[[], Awaitable[asyncpg.Pool]] | None = None  # set by attach_postgres
         self.reconcile_timeout = 600.0  # 1M actions load in tens of seconds
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._confirming: set[asyncio.Future[None]] = set()
-        self._touched: set[bytes] | None = None  # owners apply() changed while a reconcile reads
+        self._touched: set[bytes] | None = None  # wheel keys apply() changed while a load reads
         self._retry: asyncio.Task[None] | None = None
         self.fired = 0
         self.repaired = 0  # actions put back (or removed) from Postgres after an assignment
         self.dropped = 0  # owners of partitions that moved to another worker
+        self.loaded = 0  # actions read in by advancing the horizon
         self.lateness_ms: list[float] = []  # a bounded sample, for the metrics endpoint
         self.table.on_recover(self.rebuild)
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]  # mode types it loosely
@@ -158,7 +191,7 @@ class Scheduler:
             if keep(partition_of(owner, n))
             for name, (_, due) in unpack(value).items()
         )
-        self.wheel = TimerWheel.build(items, int(time.time() * 1000))
+        self.wheel = TimerWheel.build(items, _now_ms())
         self._wake.set()
 
     async def rebuild(self) -> None:
@@ -183,10 +216,11 @@ class Scheduler:
         self._ready.set()
         self._wake.set()
         log.info(
-            "scheduler: index rebuilt for partitions %s with %d actions (%d owners of other partitions"
-            " dropped, %s repaired from Postgres) in %.0f ms",
+            "scheduler: index rebuilt for partitions %s with %d actions due before %s (%d owners of"
+            " other partitions dropped, %s repaired from Postgres) in %.0f ms",
             sorted(owned),
             len(self.wheel),
+            at(self.horizon.loaded_until).isoformat() if self.horizon.loaded else "(not loaded)",
             len(gone),
             repaired,
             1000 * (time.perf_counter() - started),
@@ -211,76 +245,162 @@ class Scheduler:
         self._retry = asyncio.ensure_future(retry())
 
     async def reconcile(self) -> int:
-        """Make the owned partitions' actions equal Postgres' scheduled_actions; returns how many
-        owners changed.
+        """Make the owned partitions' actions in memory equal Postgres' scheduled_actions due
+        before the horizon (now + horizon); returns how many owners changed.
 
         Postgres is the truth: every arming and disarming is stored there in the transaction of
         the change that made it, so a crash between that commit and the table write leaves it
-        only there (a redelivered batch is a ledger duplicate and derives nothing). An owner the
-        lifecycle agent changes while this reads is left alone: the agent applies effects after
-        their commit, so its value is at least as new as the rows read here.
+        only there (a redelivered batch is a ledger duplicate and derives nothing). An action
+        the lifecycle agent changes while this reads is left alone: the agent applies effects
+        after their commit, so its state is at least as new as the row read here.
         """
         assert self.pool is not None
         pool = await self.pool()
-        owned = self.owned()
-        n = self.partitions
-        wanted: dict[bytes, Entries] = {}
-        unfilled: list[tuple[str, str, int]] = []
-        self._touched = set()
-        try:
-            async with pool.acquire() as conn:
+        async with self._loading, pool.acquire() as conn:
+            await self._fill_partitions(conn)
+            owned = self.owned()
+            _, hi = self.horizon.begin(_now_ms())
+            wanted: dict[bytes, Entries] = {}
+            self._touched = set()
+            try:
                 async with conn.transaction(readonly=True):
-                    async for r in conn.cursor(_PENDING, sorted(owned), prefetch=5000):
-                        owner = r["owner"].encode()
-                        p = r["partition"]
-                        if p is None:
-                            p = partition_of(owner, n)
-                            unfilled.append((r["owner"], r["name"], p))
-                        if p in owned:
-                            wanted.setdefault(owner, {})[r["name"]] = (r["token"], due_ms(r["due_at"]))
-                if unfilled:
-                    await conn.execute(_FILL_PARTITION, *map(list, zip(*unfilled, strict=True)))
-            touched = self._touched
-        finally:
-            self._touched = None
-        owned &= self.owned()  # a rebalance meanwhile: touch only what is still ours
+                    async for r in conn.cursor(_UP_TO, sorted(owned), at(hi), prefetch=5000):
+                        entries = wanted.setdefault(r["owner"].encode(), {})
+                        entries[r["name"]] = (r["token"], due_ms(r["due_at"]))
+                touched = self._touched
+            except BaseException:
+                self.horizon.failed()
+                raise
+            finally:
+                self._touched = None
+            owned &= self.owned()  # a rebalance meanwhile: touch only what is still ours
+            changed = self._merge(wanted, touched, owned, full=True)
+            self.horizon.done()
+        self.repaired += changed
+        return changed
+
+    async def _fill_partitions(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
+        unfilled = [
+            (r["owner"], r["name"], partition_of(r["owner"].encode(), self.partitions))
+            for r in await conn.fetch(_UNFILLED)
+        ]
+        if unfilled:
+            await conn.execute(_FILL_PARTITION, *map(list, zip(*unfilled, strict=True)))
+
+    async def advance(self) -> int:
+        """Read the next slice `[loaded_until, now + horizon)` of the owned partitions into
+        memory (one indexed range query); returns how many actions it read. Nothing before the
+        first reconcile: that one loads everything up to its horizon."""
+        assert self.pool is not None
+        pool = await self.pool()
+        async with self._loading:
+            if not self.horizon.loaded:
+                return 0
+            owned = self.owned()
+            lo, hi = self.horizon.begin(_now_ms())
+            self._touched = set()
+            try:
+                rows = await pool.fetch(_WINDOW, sorted(owned), at(lo), at(hi))
+                touched = self._touched
+            except BaseException:
+                self.horizon.failed()
+                raise
+            finally:
+                self._touched = None
+            owned &= self.owned()
+            wanted: dict[bytes, Entries] = {}
+            for r in rows:
+                wanted.setdefault(r["owner"].encode(), {})[r["name"]] = (r["token"], due_ms(r["due_at"]))
+            self._merge(wanted, touched, owned, full=False)
+            self.horizon.done()
+        self.loaded += len(rows)
+        return len(rows)
+
+    def _merge(
+        self, wanted: dict[bytes, Entries], touched: set[bytes], owned: set[int], *, full: bool
+    ) -> int:
+        """Put what a load read into the table and the wheel; returns how many owners changed.
+
+        full: `wanted` is everything due before the horizon, so what memory holds beyond it goes
+        (an action moved later, or disarmed, by a change the worker never applied). Otherwise
+        `wanted` is one slice, added to what memory holds. Either way an action in `touched` keeps
+        the lifecycle agent's state: it changed it after the rows were read.
+        """
+        n = self.partitions
         store = self.table.data
+        owners: Iterable[bytes] = wanted
+        if full:
+            owners = set(wanted) | {o for o in store if partition_of(o, n) in owned}
         changed = 0
-        for owner in set(wanted) | {o for o in store if partition_of(o, n) in owned}:
-            if owner in touched or partition_of(owner, n) not in owned:
+        for owner in owners:
+            if partition_of(owner, n) not in owned:
                 continue
-            have, want = unpack(store.get(owner)), wanted.get(owner, {})
-            if have == want:
+            have = unpack(store.get(owner))
+            want = wanted.get(owner, {})
+            if not touched:  # the common case: nothing changed meanwhile, no key to build
+                new = dict(want) if full else {**have, **want}
+            else:
+                kept = {k: v for k, v in have.items() if wheel_key(owner, k) in touched}
+                new = kept if full else dict(have)
+                for name, entry in want.items():
+                    if wheel_key(owner, name) not in touched:
+                        new[name] = entry
+            if new == have:
                 continue
-            for name in have.keys() - want.keys():
+            for name in have.keys() - new.keys():
                 self.wheel.cancel(wheel_key(owner, name))
-            for name, (_, due) in want.items():
-                self.wheel.schedule(wheel_key(owner, name), due)
-            if want:
-                store[owner] = pack(want)
+            for name, (token, due) in new.items():
+                if have.get(name, (token, None))[1] != due:
+                    self.wheel.schedule(wheel_key(owner, name), due)
+            if new:
+                store[owner] = pack(new)
             else:
                 del store[owner]
             changed += 1
-        self.repaired += changed
         if changed:
             self._wake.set()
         return changed
 
+    async def load_ahead(self) -> None:
+        """Advance the horizon whenever only half of it is left ahead, forever; a failed load is
+        logged and retried with backoff (the horizon stays; the sweep covers what comes due)."""
+        await self._ready.wait()
+        backoff = 1.0
+        while True:
+            nxt = self.horizon.next_load_ms()
+            now = _now_ms()
+            if nxt is None or now < nxt:
+                # Not due yet (or the first reconcile is still being retried): a reconcile meanwhile
+                # only moves the horizon later, so waking early just checks again.
+                await asyncio.sleep(1.0 if nxt is None else (nxt - now) / 1000)
+                continue
+            try:
+                await self.advance()
+                backoff = 1.0
+            except Exception as exc:  # noqa: BLE001 - Postgres trouble: keep trying
+                log.warning("scheduler: advancing the horizon failed (%s); retrying in %.0f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
     def apply(self, actions: Iterable[Action]) -> None:
-        """Carry out the action decisions of a committed batch (the last per owner and name)."""
+        """Carry out the action decisions of a committed batch (the last per owner and name):
+        an arming due within the horizon goes to memory; a later one only drops what memory held
+        for that action (Postgres has it, and the horizon's advance brings it back in time)."""
         last = last_per_action(list(actions))
         owners: dict[bytes, list[Action]] = {}
         for (owner_id, _), action in last.items():
             owners.setdefault(owner_id.encode(), []).append(action)
-        if self._touched is not None:
-            self._touched.update(owners)
+        touched = self._touched
+        bound = at(self.horizon.bound())
         earliest = self.wheel.next_due_ms()
         store = self.table.data
         for owner, changes in owners.items():
             entries = unpack(store.get(owner))
             for action in changes:
                 key = wheel_key(owner, action.name)
-                if isinstance(action, Arm):
+                if touched is not None:
+                    touched.add(key)
+                if isinstance(action, Arm) and action.due_at < bound:
                     due = due_ms(action.due_at)
                     entries[action.name] = (action.token, due)
                     self.wheel.schedule(key, due)
@@ -298,7 +418,7 @@ class Scheduler:
         """Sleep until the next due action (or a wake-up), fire what is due, repeat."""
         await self._ready.wait()
         while True:
-            now = int(time.time() * 1000)
+            now = _now_ms()
             due = self.wheel.pop_due(now)
             if due:
                 # Hand the records to the producer and move on: waiting for the acks here would
@@ -324,7 +444,7 @@ class Scheduler:
             self.fired += len(futures)
         except Exception as exc:  # noqa: BLE001 - Kafka trouble: keep the actions, retry
             log.warning("scheduler: firing %d actions failed (%s); re-arming them", len(due), exc)
-            retry_at = int(time.time() * 1000) + 1000
+            retry_at = _now_ms() + 1000
             for key, due_at in due:
                 if self.wheel.due_of(key) is None:
                     self.wheel.schedule(key, max(due_at, retry_at))
@@ -343,7 +463,7 @@ class Scheduler:
                 futures.append(await self.source.send(key=owner, value=record.model_dump_json().encode()))
             except Exception as exc:  # noqa: BLE001 - the producer refused: re-arm, try again soon
                 log.warning("scheduler: producing a firing failed (%s); re-arming", exc)
-                self.wheel.schedule(key, int(time.time() * 1000) + 1000)
+                self.wheel.schedule(key, _now_ms() + 1000)
                 continue
             self._observe(now - due_at)
         return futures

@@ -210,20 +210,20 @@ async def schedule_phase(services: Services, scale: float) -> None:
 
 
 async def restart(services: Services, n: int) -> None:
-    """A worker's time to hold n pending actions: from Postgres alone, and after a restart."""
-    print("\n== scheduled actions: worker recovery ==", flush=True)
-    dep = Deployment(services, extra_env={"PARLEY_LOG_LEVEL": "INFO"})
-    await dep.create_database()
-    dep.start("api")  # migrates the database and creates the topics
-    try:
-        async with aiohttp.ClientSession() as http:
-            await dep.wait_api(http)
-        first, again, rss = await recovery.recovery(dep, n)
-        row(f"hold {n:,} pending actions, from Postgres alone", f"{first:,.1f} s")
-        row(f"hold {n:,} pending actions after a restart", f"{again:,.1f} s", "(target: <= 30 s at 1M)")
-        row("  worker RSS holding them", f"{rss:,.0f} MB", f"= {rss * 1e6 / n:,.0f} B per action, all in")
-    finally:
-        dep.stop_all()
+    """A worker's time to hold n pending actions (from Postgres alone, and after a restart) and
+    its memory per pending action, for due times spread over days and for all within the horizon."""
+    print("\n== scheduled actions: worker recovery and memory ==", flush=True)
+    for case in (recovery.SPREAD, recovery.DENSE):
+        result = await recovery.recovery(services, n, case)
+        print(f"  {n:,} pending, {case.describe()}", flush=True)
+        row("  held in memory once loaded", f"{result.held:,}")
+        row("  hold them, from Postgres alone", f"{result.first_s:,.1f} s")
+        row("  hold them after a restart", f"{result.again_s:,.1f} s", "(target: <= 30 s at 1M)")
+        row(
+            "  worker RSS, nothing pending -> holding them",
+            f"{result.empty_mb:,.0f} -> {result.holding_mb:,.0f} MB",
+            f"= {result.bytes_per_action:,.0f} B per pending action (target 150 B at 1M)",
+        )
 
 
 def main() -> None:

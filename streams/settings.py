@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     close_grace: Duration = timedelta(seconds=30)
     reopen_window: Duration = timedelta(0)
     sweep_interval: Duration = timedelta(minutes=1)  # 0: no sweep
+    # A worker holds in memory only the actions due within this much of now; later ones stay in
+    # Postgres until the horizon reaches them (read in every half horizon).
+    scheduler_horizon: Duration = Field(timedelta(minutes=10), ge=timedelta(seconds=1))
     sweep_max_refires: int = Field(10_000, ge=1)
     # processed_events rows are kept for the topic's retention plus this margin (a redelivery or a
     # replay can only bring back events still in the topic), pruned every ledger_prune_interval.

@@ -33,3 +33,7 @@ async def test_healthz_is_503_with_the_reason_while_the_worker_is_failing() -> N
 
 def test_render_sorts_names() -> None:
     assert render({"b": 2, "a": 0.5}) == "a 0.5\nb 2\n"
+
+
+def test_render_keeps_every_digit_of_an_int() -> None:
+    assert render({"loaded_until_ms": 1_764_636_044_693}) == "loaded_until_ms 1764636044693\n"
