@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 KAFKA_STAMP := deploy/kafka/libs/.fetched-stamp
 
-.PHONY: run test lint unit bench clean setup kafka
+.PHONY: run sandbox test lint unit bench clean setup kafka
 
 setup: $(STAMP) $(KAFKA_STAMP)
 
@@ -26,6 +26,10 @@ $(KAFKA_STAMP): deploy/kafka/pom.xml
 
 run: setup
 	$(BIN)/parley run
+
+# `make run` plus the provider simulator and a `sandbox` WhatsApp channel that sends to it.
+sandbox: setup
+	$(BIN)/parley sandbox
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import secrets
@@ -11,7 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 from streams.channel_secrets import Sealer, SecretsKeyError
 from streams.settings import Settings
@@ -153,7 +156,53 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) 
     raise RuntimeError(f"{url} not ready within {timeout}s")
 
 
-def cmd_run(settings: Settings) -> int:
+SANDBOX_CHANNEL = "sandbox"
+
+
+def _sandbox_number(data: Path) -> dict[str, str]:
+    """The sandbox's fake WhatsApp number (made once, kept in .parley/sandbox.json, 0600)."""
+    from parley.localstack import secret_file
+
+    def make() -> str:
+        phone = str(secrets.randbelow(9 * 10**14) + 10**14)
+        return json.dumps(
+            {"phone_number_id": phone, "token": secrets.token_hex(16), "app_secret": secrets.token_hex(16)}
+        )
+
+    return dict(json.loads(secret_file(data / "sandbox.json", make)))
+
+
+def _register_sandbox(base: str, token: str, number: dict[str, str], simulator: str) -> None:
+    """Register (or point again) the sandbox channel at the simulator."""
+    body = {
+        "id": SANDBOX_CHANNEL,
+        "provider": "whatsapp",
+        "phone_number_id": number["phone_number_id"],
+        "app_secret": number["app_secret"],
+        "verify_token": "sandbox-verify-token",
+        "access_token": number["token"],
+        "graph_base": simulator,
+    }
+    request = urllib.request.Request(  # noqa: S310 - our own loopback URL
+        f"{base}/v1/channels",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10):  # noqa: S310 - our own loopback URL
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code != 409:  # registered by an earlier sandbox run: same number, same simulator port
+            raise
+
+
+def cmd_sandbox(settings: Settings) -> int:
+    """`parley run` plus the provider simulator and a `sandbox` WhatsApp channel sending to it."""
+    return cmd_run(settings, sandbox=True)
+
+
+def cmd_run(settings: Settings, sandbox: bool = False) -> int:
     """Start broker, Postgres, worker and API on embedded defaults; Ctrl-C stops them all.
 
     The worker and the API run in their own sessions, so a terminal's Ctrl-C (SIGINT to the
@@ -205,13 +254,38 @@ def cmd_run(settings: Settings) -> int:
         if from_clear:
             print(f"sealed the secrets of {from_clear} channel(s) stored in clear", flush=True)
         exe = [sys.executable, "-m", "parley.cli"]
+        base = f"http://{settings.http_host}:{settings.http_port}"
+        simulator = f"http://127.0.0.1:{settings.sandbox_port}"
+        if sandbox:  # the simulator is on loopback, over http: let the sender reach it
+            env["PARLEY_OUTBOUND_ALLOW_HTTP"] = env["PARLEY_OUTBOUND_ALLOW_PRIVATE"] = "true"
+            number = _sandbox_number(data)
+            wa = f"{number['phone_number_id']}:{number['token']}:{number['app_secret']}"
+            sim = [sys.executable, "-m", "sandbox.simulator", "--port", str(settings.sandbox_port)]
+            proc = subprocess.Popen(
+                [*sim, "--parley", base, "--whatsapp", wa],
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+            children.append(("simulator", proc))
         for part in ("worker", "api"):
             # start_new_session: the terminal's Ctrl-C is for us alone (we pass it on, once);
             # die_with_parent: even if `parley run` is killed -9, its children follow it.
             proc = subprocess.Popen([*exe, part], env=env, start_new_session=True, preexec_fn=die_with_parent)
             children.append((part, proc))
-        base = f"http://{settings.http_host}:{settings.http_port}"
         _wait_ready(f"{base}/readyz", [p for _, p in children], timeout=120)
+        if sandbox:
+            _register_sandbox(base, env["PARLEY_ADMIN_TOKEN"], number, simulator)
+            print(
+                f"\nSandbox: channel '{SANDBOX_CHANNEL}' sends to the provider simulator at {simulator}"
+                f" (stats: {simulator}/_sim/stats), which sends signed receipts back. Try:\n"
+                f"  curl -s -X POST {base}/v1/channels/{SANDBOX_CHANNEL}/messages"
+                f" -H 'Authorization: Bearer {env['PARLEY_ADMIN_TOKEN']}'"
+                """ -d '{"to": "5511999990000", "type": "template","""
+                """ "name": "hello_world", "language": "en_US"}'"""
+                f"\n  curl -s {base}/v1/messages/<id> -H 'Authorization: Bearer {env['PARLEY_ADMIN_TOKEN']}'",
+                flush=True,
+            )
         print(
             f"\nParley is ready.\n  dashboard:  {base}/#token={env['PARLEY_ADMIN_TOKEN']}\n"
             f"  admin API:  {base}/v1/conversations"
@@ -303,6 +377,7 @@ COMMANDS = {
     "migrate": cmd_migrate,
     "rotate-secrets": cmd_rotate_secrets,
     "gen-secrets-key": cmd_gen_secrets_key,
+    "sandbox": cmd_sandbox,
 }
 
 
@@ -311,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="parley", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="start Kafka, Postgres, worker and API locally")
+    sub.add_parser("sandbox", help="`run` plus a provider simulator and a sandbox channel to send through")
     sub.add_parser("worker", help="run the Faust worker")
     sub.add_parser("api", help="serve webhooks, admin API and dashboard")
     sub.add_parser("migrate", help="apply SQL migrations and create topics")

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     # Source topics keep a week of events so Postgres can be rebuilt by replay.
     topic_retention: Duration = timedelta(days=7)
 
+    sandbox_port: int = 8090  # `parley sandbox`: the provider simulator
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     admin_token: str = Field("", repr=False)
