@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
-from bench import baselines, batches, cpu, pipeline, recovery, schedules, timers
+from bench import baselines, batches, cpu, pipeline, recovery, schedules, timers, webhooks
 from bench.stats import pct, row, summary_ms
 from tests.integration.harness import Deployment, GenericChannel, Services, local_services
 
@@ -100,6 +100,7 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
     finally:
         dep.stop_all()
     await schedule_phase(services, scale)
+    await webhooks.run(services, scale)
     if skip_timers:
         return
     await restart(services, int(1_000_000 * scale))
@@ -234,8 +235,9 @@ def main() -> None:
     parser.add_argument("--projection-only", action="store_true", help="only the Postgres projection phase")
     parser.add_argument("--recovery-only", action="store_true", help="only the worker recovery phase")
     parser.add_argument("--schedules-only", action="store_true", help="only the schedules phase")
+    parser.add_argument("--webhooks-only", action="store_true", help="only the outgoing-webhooks phase")
     args = parser.parse_args()
-    if args.projection_only or args.recovery_only or args.schedules_only:
+    if args.projection_only or args.recovery_only or args.schedules_only or args.webhooks_only:
         with local_services("parley-bench-") as services:
             if args.projection_only:
                 asyncio.run(projection(services))
@@ -243,6 +245,8 @@ def main() -> None:
                 asyncio.run(restart(services, int(1_000_000 * args.scale)))
             if args.schedules_only:
                 asyncio.run(schedule_phase(services, args.scale))
+            if args.webhooks_only:
+                asyncio.run(webhooks.run(services, args.scale))
         return
     with local_services("parley-bench-") as services:
         print(

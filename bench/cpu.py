@@ -15,6 +15,8 @@ _MARKERS = {
     "postgres": "pginstall/bin/postgres",
     "worker": "parley.cli worker",
     "api": "parley.cli api",
+    "receiver": "bench.webhook_receiver serve",
+    "raw http client": "bench.webhook_receiver post",
 }
 
 
