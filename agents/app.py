@@ -95,6 +95,7 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     webhooks.register()
     dispatcher = webhooks.dispatcher
     sends = app.topic(topics.sends, key_serializer="raw", value_serializer="raw")
+    outbox.topics["sends"] = sends
     sending = SendAgent(app, settings, sends, lifecycle.pool, lifecycle.fatal)
     sending.sender.park = lifecycle.park_send
     sending.register()

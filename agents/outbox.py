@@ -25,7 +25,7 @@ import orjson
 log = logging.getLogger(__name__)
 
 _TAKE = """
-SELECT id, event_id, type, key, payload::text AS payload, created_at FROM outbox
+SELECT id, event_id, type, key, payload::text AS payload, created_at, topic FROM outbox
 WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
 """
 _MARK = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])"
@@ -61,6 +61,7 @@ class OutboxRelay:
     ) -> None:
         self.pool = pool
         self.topic = topic
+        self.topics: dict[str, faust.TopicT] = {}  # the outbox's `topic` column -> where it goes
         self.batch = batch
         self.idle = idle  # how long an empty outbox waits before looking again
         self.published = 0
@@ -73,7 +74,10 @@ class OutboxRelay:
             if not rows:
                 return 0
             futures = [
-                await self.topic.send(key=row["key"].encode(), value=outgoing_value(row)) for row in rows
+                await self.topics.get(row["topic"], self.topic).send(
+                    key=row["key"].encode(), value=outgoing_value(row)
+                )
+                for row in rows
             ]
             for fut in futures:
                 await fut  # acks=all before the rows count as published

@@ -67,6 +67,7 @@ async def _send(
     conversation: dict[str, Any] | None,
     content: outbound.OutboundContent,
     message_id: str,
+    keyed_by_client: bool,
 ) -> web.Response:
     channel = await ctx.channels.record(channel_id)
     if channel is None:
@@ -83,12 +84,14 @@ async def _send(
             return error(422, "outside the 24 h window: send a template", window_expires_at=window)
     data = content.model_dump(mode="json", exclude_none=True)
     digest = sends_db.body_hash(data)
-    async with ctx.store.pool.acquire() as conn:
-        existing = await sends_db.send_row(conn, message_id)
-    if existing is not None:
-        if existing["body_hash"] != digest:
+    if keyed_by_client:
+        async with ctx.store.pool.acquire() as conn:
+            first = await sends_db.remember_request(conn, message_id, digest)
+            existing = await sends_db.send_row(conn, message_id)
+        if first != digest:
             return error(422, "this Idempotency-Key was used with another body", id=message_id)
-        return web.json_response({"id": message_id, "status": existing["status"]}, status=202)
+        if existing is not None:
+            return web.json_response({"id": message_id, "status": existing["status"]}, status=202)
     record = SendRequested(
         event_id=f"send:{message_id}",
         message_id=message_id,
@@ -137,6 +140,7 @@ async def send_to_conversation(request: web.Request) -> web.Response:
         conversation=conv,
         content=content,
         message_id=message_id_for(f"conversation:{conv['id']}", key),
+        keyed_by_client=key is not None,
     )
 
 
@@ -169,6 +173,7 @@ async def send_from_channel(request: web.Request) -> web.Response:
         conversation=current,
         content=content,
         message_id=message_id_for(f"thread:{channel_id}/{routing.to}", key),
+        keyed_by_client=key is not None,
     )
 
 

@@ -76,6 +76,18 @@ async def open_sends_by_id(conn: Conn, ids: Sequence[str]) -> list[Send]:
     return [send_of(r) for r in rows]
 
 
+async def remember_request(conn: Conn, send_id: str, digest: str) -> str:
+    """Remember the first body of an Idempotency-Key; returns the hash of that first body."""
+    found = await conn.fetchval(
+        "WITH put AS (INSERT INTO send_requests (id, body_hash) VALUES ($1::uuid, $2)"
+        " ON CONFLICT (id) DO NOTHING RETURNING body_hash)"
+        " SELECT body_hash FROM put UNION ALL SELECT body_hash FROM send_requests WHERE id = $1::uuid",
+        send_id,
+        digest,
+    )
+    return str(found)
+
+
 async def send_row(conn: Conn, send_id: str) -> asyncpg.Record | None:
     """One send with everything the API shows."""
     return await conn.fetchrow(
@@ -148,7 +160,8 @@ ON CONFLICT DO NOTHING
 """
 _EVENTS = """
 INSERT INTO outbox (event_id, type, key, payload, created_at, partition)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::int[])
+SELECT f.event_id, f.type, f.key, f.payload::jsonb, f.created_at, f.partition
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::int[])
     AS f(event_id, type, key, payload, created_at, partition)
 ON CONFLICT (event_id) DO NOTHING
 """

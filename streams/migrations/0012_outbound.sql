@@ -38,3 +38,12 @@ CREATE TABLE channel_send_state (
 -- The outbox also hands accepted sends to <prefix>.sends (keyed by channel); its relay routes
 -- each row to its topic.
 ALTER TABLE outbox ADD COLUMN topic text NOT NULL DEFAULT 'outgoing-events';
+
+-- The API's memory of Idempotency-Keys of sends (the message id derives from the key): the first
+-- body wins at once, before the lifecycle agent has queued it, so another body is a 422 even
+-- when the two requests race.
+CREATE TABLE send_requests (
+    id         uuid PRIMARY KEY,
+    body_hash  text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
