@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -90,6 +90,7 @@ class LifecycleAgent:
         self._parker: AIOKafkaProducer | None = None  # the dead-letter producer, see dead_letter
         self.failure: BaseException | None = None  # set when the writer died; /healthz says so
         self.stats = BatchStats()
+        self.outbox_written: Callable[[], None] = lambda: None  # the relay's wake-up (agents/app.py)
 
     def register(self) -> None:
         """Attach the agent to the app."""
@@ -196,6 +197,8 @@ class LifecycleAgent:
         retries = self.settings.worker_retries if len(items) == 1 else 0
         result = await self._apply([record for _, record in items], retries)
         self.scheduler.apply(result.actions)
+        if result.outbox:
+            self.outbox_written()
 
     async def _park(self, item: tuple[Any, ConversationEvent], exc: BaseException) -> None:
         await self.dead_letter(item[0], f"{type(exc).__name__}: {exc}", self.settings.worker_retries + 1)
