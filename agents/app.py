@@ -89,7 +89,8 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     app.task(sweep.run)
     app.task(pruner.run)
     outgoing = app.topic(topics.outgoing_events, key_serializer="raw", value_serializer="raw")
-    outbox = OutboxRelay(lifecycle.pool, outgoing)
+    outbox = OutboxRelay(lifecycle.pool, outgoing, settings.topic_partitions, lifecycle.scheduler.owned)
+    lifecycle.outbox_written = outbox.wake
     app.task(outbox.run)
     webhooks = WebhookAgent(app, settings, outgoing, lifecycle.pool, lifecycle.dead_letter, lifecycle.fatal)
     webhooks.register()

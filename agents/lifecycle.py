@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -93,6 +93,8 @@ class LifecycleAgent:
         self._parker: AIOKafkaProducer | None = None  # the dead-letter producer, see dead_letter
         self.failure: BaseException | None = None  # set when the writer died; /healthz says so
         self.stats = BatchStats()
+        # the relay's wake-up (agents/app.py), with the partitions written beyond this worker's own
+        self.outbox_written: Callable[[set[int]], None] = lambda _: None
 
     def register(self) -> None:
         """Attach the agent to the app."""
@@ -167,6 +169,8 @@ class LifecycleAgent:
         retries = self.settings.worker_retries if len(items) == 1 else 0
         result = await self._apply([record for _, record in items], retries)
         self.scheduler.apply(result.actions)
+        if result.outbox or result.handed:
+            self.outbox_written(result.handed)
 
     async def _park(self, item: tuple[Any, ConversationEvent], exc: BaseException) -> None:
         await self.dead_letter(item[0], f"{type(exc).__name__}: {exc}", self.settings.worker_retries + 1)

@@ -43,7 +43,7 @@ from agents.webhook_client import WebhookSender
 from channels import outbound
 from domain.ratelimit import TokenBucket
 from streams import sends_db as db
-from streams.channel_secrets import Sealer
+from streams.channel_secrets import Sealer, SecretsKeyError
 from streams.settings import Settings
 from streams.store import Store
 
@@ -101,7 +101,11 @@ class Channels:
             ids = [r["id"] for r in await conn.fetch("SELECT id FROM channels")]
         views: dict[str, ChannelView] = {}
         for channel_id in ids:
-            channel = await store.channel_record(channel_id)
+            try:
+                channel = await store.channel_record(channel_id)
+            except SecretsKeyError as exc:  # a wrong PARLEY_SECRETS_KEY here: never send unsigned
+                log.error("sender: channel %s cannot be used: %s", channel_id, exc)
+                continue
             if channel is None:
                 continue
             config = channel.config(now)
@@ -214,7 +218,11 @@ class Sender:
                 now = time.time()
                 self.lanes.due(_ms(now))
                 if self.channels.stale:
-                    await self.channels.current()
+                    try:
+                        await self.channels.current()
+                    except Exception as exc:  # noqa: BLE001 - Postgres away: the next round retries
+                        self.channels.stale = True
+                        log.warning("sender: reading channels failed (%s: %s)", type(exc).__name__, exc)
                 self._start_ready(now)
                 waits = [t for t in self.channel_wake.values() if t > now]
                 nxt = self.lanes.next_due_ms()

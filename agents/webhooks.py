@@ -184,7 +184,13 @@ class Dispatcher:
             writer.cancel()
 
     async def _start_ready(self) -> None:
-        endpoints = await self.endpoints.current() if self.endpoints.stale else self.endpoints.by_id
+        endpoints = self.endpoints.by_id
+        if self.endpoints.stale:
+            try:
+                endpoints = await self.endpoints.current()
+            except Exception as exc:  # noqa: BLE001 - Postgres away: the next round retries
+                self.endpoints.stale = True
+                log.warning("webhooks: reading endpoints failed (%s: %s)", type(exc).__name__, exc)
         for endpoint_id in self.lanes.groups():
             ep = endpoints.get(endpoint_id)
             for key, delivery in self.lanes.take(endpoint_id):

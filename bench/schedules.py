@@ -91,7 +91,7 @@ async def firing(http: aiohttp.ClientSession, dep: Deployment, n: int, create_ra
             got: int = await db.fetchval(
                 "SELECT count(*) FROM outbox WHERE key LIKE $1 AND type = 'schedule.fired'"
                 " AND published_at IS NOT NULL",
-                f"due:{run}:%",
+                f"schedule:due:{run}:%",
             )
             return got >= n
 
@@ -99,14 +99,14 @@ async def firing(http: aiohttp.ClientSession, dep: Deployment, n: int, create_ra
         rows = await db.fetch(
             "SELECT extract(epoch FROM s.fired_at - s.run_at) AS fire,"
             " extract(epoch FROM o.published_at - s.run_at) AS publish"
-            " FROM schedules s JOIN outbox o ON o.key = s.key AND o.type = 'schedule.fired'"
+            " FROM schedules s JOIN outbox o ON o.key = 'schedule:' || s.key AND o.type = 'schedule.fired'"
             " WHERE s.key LIKE $1",
             f"due:{run}:%",
         )
         fired_twice: int = await db.fetchval(
             "SELECT count(*) FROM (SELECT key FROM outbox WHERE key LIKE $1 AND type = 'schedule.fired'"
             " GROUP BY key HAVING count(*) > 1) d",
-            f"due:{run}:%",
+            f"schedule:due:{run}:%",
         )
     finally:
         await db.close()

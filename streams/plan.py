@@ -32,6 +32,13 @@ from domain.lifecycle import (
 )
 from domain.policy import LifecyclePolicy
 from domain.schedules import Schedule
+from streams.outgoing import (
+    MESSAGE_RECEIVED,
+    Ids,
+    Outgoing,
+    conversation_data,
+    message_data,
+)
 from streams.records import (
     SCHEDULE_RECORDS,
     AcceptCommand,
@@ -114,8 +121,11 @@ class Plan:
     outbound: list[OutboundMessage] = field(default_factory=list)
     receipts: list[StatusReceipt] = field(default_factory=list)
     sends: list[tuple[SendRequested, str]] = field(default_factory=list)  # (request, conversation id)
+    handed: set[int] = field(default_factory=set)  # the outbox partitions those went to (written)
     actions: list[Action] = field(default_factory=list)  # in order; the last per (owner, name) counts
     emits: list[Emit] = field(default_factory=list)
+    # the outgoing events of the conversation changes, in log order (streams/outgoing.py)
+    outbox: list[Outgoing] = field(default_factory=list)
     schedules: SchedulePlan = field(default_factory=SchedulePlan)
     applied: int = 0
 
@@ -136,10 +146,12 @@ class Planner:
         self.plan = Plan(seq={c.conversation.id: c.seq for c in current.values()})
         self.changed: dict[str, Conversation] = {}
         self.schedules = SchedulesPlanner(schedules or {}, self.plan.actions)
+        self.position = -1  # the current event's place in the batch
 
     def add(self, event: ConversationEvent) -> None:
         """Decide one event against the thread's conversation as the batch left it so far."""
         plan = self.plan
+        self.position += 1
         if isinstance(event, SCHEDULE_RECORDS):
             self.schedules.add(event)  # user schedules: streams/schedules_plan.py
             plan.applied += 1
@@ -187,6 +199,11 @@ class Planner:
             contact_id=event.contact_id,
         )
         conv = decision.conversation
+        key = thread_key(*thread).decode()
+        ids = Ids(event.event_id)
+        # outgoing events carry the transition's time: never before the thread's last change
+        at = before.updated_at if before is not None and now < before.updated_at else now
+        step: Record | None = None  # the last Record: the step an Emit after it announces
         if conv is not None and decision.changed:
             if conv.id not in plan.seq:  # a new conversation: next in the thread's log order
                 self.seqs[thread] = plan.seq[conv.id] = self.seqs.get(thread, 0) + 1
@@ -195,7 +212,21 @@ class Planner:
         for effect in decision.effects:
             if isinstance(effect, StoreMessage) and isinstance(event, InboundMessage):
                 self._message(effect.conversation_id, event)
+                data = message_data(
+                    effect.conversation_id,
+                    event.channel_id,
+                    event.contact_id,
+                    event.provider_message_id,
+                    event.type,
+                    event.text,
+                    event.sent_at,
+                    at,
+                )
+                plan.outbox.append(
+                    Outgoing(ids.next(MESSAGE_RECEIVED), MESSAGE_RECEIVED, key, data, at, self.position)
+                )
             elif isinstance(effect, Record):
+                step = effect
                 version = (
                     self.changed[effect.conversation_id].version
                     if effect.conversation_id in self.changed
@@ -216,11 +247,22 @@ class Planner:
                 )
             elif isinstance(effect, SetTimer):
                 token = close_token(effect.conversation_id, effect.version)
-                plan.actions.append(Arm(thread_key(*thread).decode(), CLOSE, effect.due_at, token))
+                plan.actions.append(Arm(key, CLOSE, effect.due_at, token))
             elif isinstance(effect, CancelTimer):
-                plan.actions.append(Disarm(thread_key(*thread).decode(), CLOSE))
-            elif isinstance(effect, Emit):
+                plan.actions.append(Disarm(key, CLOSE))
+            elif isinstance(effect, Emit) and conv is not None:
                 plan.emits.append(effect)
+                # An Emit always follows the Record of the step it announces (domain/lifecycle.py
+                # lists effects in order), which carries that step's states.
+                before_reason = before.close_reason if before is not None and before.id == conv.id else None
+                data = conversation_data(
+                    conv,
+                    step.to_state if step is not None else None,
+                    step.from_state if step is not None else None,
+                    before_reason,
+                    at,
+                )
+                plan.outbox.append(Outgoing(ids.next(effect.kind), effect.kind, key, data, at, self.position))
         if isinstance(event, SendRequested) and conv is not None:
             plan.sends.append((event, conv.id))  # the conversation it joined or opened
         plan.applied += 1

@@ -4,11 +4,13 @@ Receipts and outbound records share the thread's partition, so they are applied 
 per thread; within a batch the outbound messages are stored first, and since the status is the
 join of all receipts (domain.delivery_status) the result does not depend on that order. A
 receipt for a message not stored yet is kept (applied = false) and applied when it appears.
+Every receipt that moves a status (now, or later when its message appears) yields a
+`message.status_updated` outgoing event, id `<receipt event id>:message.status_updated`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +18,7 @@ import asyncpg
 import orjson
 
 from domain.delivery_status import DeliveryStatus, advance, from_provider
+from streams.outgoing import STATUS_UPDATED, Outgoing, status_data
 from streams.records import OutboundMessage, StatusReceipt
 
 _INSERT_OUTBOUND = """
@@ -28,12 +31,13 @@ ORDER BY m.n
 ON CONFLICT (channel_id, direction, contact_id, provider_message_id) DO NOTHING
 """
 _KNOWN = """
-SELECT m.channel_id, m.provider_message_id, m.status, m.status_at FROM messages m
+SELECT m.channel_id, m.provider_message_id, m.status, m.status_at, m.conversation_id, m.contact_id
+FROM messages m
 JOIN unnest($1::text[], $2::text[]) AS k(ch, p) ON m.channel_id = k.ch AND m.provider_message_id = k.p
 WHERE m.direction = 'outbound'
 """
 _PENDING = """
-SELECT r.id, r.channel_id, r.provider_message_id, r.provider_status, r.provider_at
+SELECT r.id, r.event_id, r.channel_id, r.provider_message_id, r.provider_status, r.provider_at
 FROM message_receipts r
 JOIN unnest($1::text[], $2::text[]) AS k(ch, p) ON r.channel_id = k.ch AND r.provider_message_id = k.p
 WHERE NOT r.applied ORDER BY r.id
@@ -64,8 +68,10 @@ async def apply_receipts(
     conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
     outbound: Sequence[OutboundMessage],
     receipts: Sequence[StatusReceipt],
-) -> None:
-    """Store outbound messages, record receipts, and move statuses forward."""
+    position: Mapping[str, int],
+) -> list[Outgoing]:
+    """Store outbound messages, record receipts, and move statuses forward; returns the
+    outgoing events of the statuses that moved (`position`: event id -> place in the batch)."""
     if outbound:
         cols = [
             [m.conversation_id for m in outbound],
@@ -83,13 +89,18 @@ async def apply_receipts(
         | {(r.channel_id, r.provider_message_id) for r in receipts}
     )
     chans, pmids = [k[0] for k in keys], [k[1] for k in keys]
-    status: dict[Key, tuple[DeliveryStatus, datetime | None]] = {
-        (r["channel_id"], r["provider_message_id"]): (DeliveryStatus(r["status"]), r["status_at"])
-        for r in await conn.fetch(_KNOWN, chans, pmids)
-    }
+    status: dict[Key, tuple[DeliveryStatus, datetime | None]] = {}
+    owner: dict[Key, tuple[str, str]] = {}  # the message's conversation and contact
+    for known_row in await conn.fetch(_KNOWN, chans, pmids):
+        key = (known_row["channel_id"], known_row["provider_message_id"])
+        status[key] = (DeliveryStatus(known_row["status"]), known_row["status_at"])
+        owner[key] = (str(known_row["conversation_id"]), known_row["contact_id"])
     changed: set[Key] = set()
+    events: list[Outgoing] = []
 
-    def fold(key: Key, word: str, at: datetime) -> DeliveryStatus | None:
+    def fold(
+        key: Key, word: str, at: datetime, event_id: str, occurred: datetime, pos: int
+    ) -> DeliveryStatus | None:
         # status_at is the provider time of the receipt that moved the status last.
         incoming = from_provider(word)
         if incoming is None:
@@ -99,14 +110,26 @@ async def apply_receipts(
         if new != current:
             status[key] = (new, at)
             changed.add(key)
+            conversation_id, contact_id = owner[key]
+            data = status_data(
+                conversation_id, key[0], contact_id, key[1], new.value, current.value, word, at, occurred
+            )
+            thread = f"{key[0]}/{contact_id}"
+            out_id = f"{event_id}:{STATUS_UPDATED}"
+            events.append(Outgoing(out_id, STATUS_UPDATED, thread, data, occurred, pos))
         return incoming
 
-    # Receipts that arrived before their message: apply them now that it exists.
+    # Receipts that arrived before their message: apply them now that it exists (as of the
+    # message's own event: its time, its place in the batch).
+    stored = {(m.channel_id, m.provider_message_id): m for m in outbound}
     applied_pending: list[int] = []
     for row in await conn.fetch(_PENDING, chans, pmids):
         key = (row["channel_id"], row["provider_message_id"])
         if key in status:
-            fold(key, row["provider_status"], row["provider_at"])
+            msg = stored.get(key)
+            occurred = msg.sent_at if msg is not None else row["provider_at"]
+            pos = position.get(msg.event_id, 0) if msg is not None else 0
+            fold(key, row["provider_status"], row["provider_at"], row["event_id"], occurred, pos)
             applied_pending.append(row["id"])
     if applied_pending:
         await conn.execute(
@@ -117,7 +140,12 @@ async def apply_receipts(
     for r in receipts:
         key = (r.channel_id, r.provider_message_id)
         known = key in status
-        mapped = fold(key, r.provider_status, r.provider_at) if known else from_provider(r.provider_status)
+        pos = position.get(r.event_id, 0)
+        mapped = (
+            fold(key, r.provider_status, r.provider_at, r.event_id, r.received_at, pos)
+            if known
+            else from_provider(r.provider_status)
+        )
         rows.append(
             (
                 r.event_id,
@@ -142,3 +170,4 @@ async def apply_receipts(
             [status[k][0].value for k in ordered],
             [status[k][1] for k in ordered],
         )
+    return events

@@ -64,14 +64,6 @@ SELECT r.event_id, r.status, r.body::jsonb
 FROM unnest($1::text[], $2::int[], $3::text[]) AS r(event_id, status, body)
 ON CONFLICT (event_id) DO NOTHING
 """
-_OUTBOX = """
-INSERT INTO outbox (event_id, type, key, payload, created_at)
-SELECT o.event_id, o.type, o.key, o.payload::jsonb, o.created_at
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) WITH ORDINALITY
-  AS o(event_id, type, key, payload, created_at, n)
-ORDER BY o.n
-ON CONFLICT (event_id) DO NOTHING
-"""
 _NOTIFY = f"SELECT pg_notify('{RESULTS_CHANNEL}', $1)"
 
 
@@ -148,7 +140,8 @@ def notify_chunks(ids: Sequence[str], limit: int = _NOTIFY_BYTES) -> Iterator[st
 
 
 async def write_schedules(conn: Conn, plan: SchedulePlan) -> bool:
-    """Write the plan; False when a schedule changed under us (the batch must be retried)."""
+    """Write the plan but its outbox rows (the projection writes every outbox row in one
+    statement); False when a schedule changed under us (the batch must be retried)."""
     if plan.inserts:
         won = await conn.fetch(_INSERT, *_columns([_row(s) for s in plan.inserts], len(_TYPES)))
         if len(won) != len(plan.inserts):
@@ -160,8 +153,6 @@ async def write_schedules(conn: Conn, plan: SchedulePlan) -> bool:
             return False
     if plan.history:
         await conn.execute(_HISTORY, *_columns(plan.history, 6))
-    if plan.outbox:
-        await conn.execute(_OUTBOX, *_columns(plan.outbox, 5))
     if plan.results:
         await conn.execute(_RESULTS, *_columns(plan.results, 3))
         for chunk in notify_chunks([r[0] for r in plan.results]):

@@ -3,7 +3,8 @@
 Events in log order against the schedules as the batch read them -> the rows to write: the
 schedules' final states (inserted, or updated at the revision read), history lines, the answer
 to each command (schedule_results, what the API waits for) and the outbox's emitted events. The
-Arm/Disarm decisions go into the batch's common action list (stored, then armed, by the engine).
+Arm/Disarm decisions go into the batch's common action list (stored, then armed, by the engine);
+the outbox rows are written with the batch's others (streams/outgoing.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,20 @@ from typing import Any, Literal
 import orjson
 
 from domain.actions import Action, due_ms
-from domain.schedules import Cancel, Command, Due, Put, Result, Retry, Schedule, Spec, decide, key_of
+from domain.schedules import (
+    Cancel,
+    Command,
+    Due,
+    Put,
+    Result,
+    Retry,
+    Schedule,
+    Spec,
+    decide,
+    key_of,
+    owner_of,
+)
+from streams.outgoing import Outgoing
 from streams.records import ScheduleDue, SchedulePut, ScheduleRecord, occurred_at
 
 
@@ -27,7 +41,7 @@ class SchedulePlan:
     updates: list[tuple[Schedule, int]] = field(default_factory=list)  # (new row, revision read)
     history: list[tuple[str, int, str, datetime, str | None, str]] = field(default_factory=list)
     results: list[tuple[str, int, str]] = field(default_factory=list)  # (event id, status, body JSON)
-    outbox: list[tuple[str, str, str, str, datetime]] = field(default_factory=list)
+    outbox: list[Outgoing] = field(default_factory=list)  # keyed by the owner `schedule:<key>`
 
     def __bool__(self) -> bool:
         return bool(self.inserts or self.updates or self.history or self.results or self.outbox)
@@ -82,7 +96,10 @@ class SchedulesPlanner:
             self.plan.history.append((event.key, h.version, h.kind, at, h.detail, event.event_id))
         for e in decision.emits:
             data = _dumps(e.data)
-            self.plan.outbox.append((f"{event.event_id}:{e.suffix}", e.type, event.key, data, at))
+            # keyed like the schedule's own events (its owner): the outbox partition is the one
+            # whose worker wrote the row, and whose relay publishes it at once
+            owner = owner_of(event.key)
+            self.plan.outbox.append(Outgoing(f"{event.event_id}:{e.suffix}", e.type, owner, data, at))
         if not isinstance(event, ScheduleDue):
             self.plan.results.append((event.event_id, decision.status, _dumps(decision.body)))
 

@@ -362,9 +362,10 @@ ON CONFLICT (event_id) DO NOTHING
 """
 
 
-async def queue_sends(conn: Conn, sends: Sequence[tuple[Any, str]], partitions: int) -> None:
+async def queue_sends(conn: Conn, sends: Sequence[tuple[Any, str]], partitions: int) -> set[int]:
     """Queue accepted sends (records.SendRequested, conversation id) in their order, and hand each
-    to the sender through the outbox (<prefix>.sends, keyed by channel). A repeat queues nothing."""
+    to the sender through the outbox (<prefix>.sends, keyed by channel). A repeat queues nothing.
+    Returns the outbox partitions written (the relay is woken for them)."""
     rows = [
         (
             r.message_id,
@@ -400,6 +401,7 @@ async def queue_sends(conn: Conn, sends: Sequence[tuple[Any, str]], partitions: 
         handed.append((f"send:{row[0]}", row[2], orjson.dumps(payload).decode(), row[8], row[4]))
     if handed:
         await conn.execute(_TO_SENDER, *map(list, zip(*handed, strict=True)))
+    return {h[4] for h in handed}
 
 
 def body_hash(content: dict[str, Any]) -> str:

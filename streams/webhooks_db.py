@@ -9,6 +9,7 @@ up at once (agents/webhooks.py).
 from __future__ import annotations
 
 import base64
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ import orjson
 
 from channels.signatures import standard_webhook_key
 from domain.webhooks import ENDPOINT_DISABLED, subscribed
-from streams.channel_secrets import Sealer
+from streams.channel_secrets import Sealer, SecretsKeyError
+
+log = logging.getLogger(__name__)
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 ENDPOINTS_CHANNEL = "parley_webhook_endpoints"
@@ -221,7 +224,14 @@ async def reseal_endpoints(conn: Conn, sealer: Sealer) -> int:
 async def all_endpoints(conn: Conn, sealer: Callable[[], Sealer], now: datetime) -> dict[str, Endpoint]:
     """Every endpoint, as the sender needs it."""
     rows = await conn.fetch(f"SELECT {_ENDPOINT_COLUMNS} FROM webhook_endpoints")
-    return {row["id"]: endpoint_of(row, sealer, now) for row in rows}
+    found: dict[str, Endpoint] = {}
+    for row in rows:
+        try:
+            found[row["id"]] = endpoint_of(row, sealer, now)
+        except SecretsKeyError as exc:  # a wrong PARLEY_SECRETS_KEY here: it cannot sign, so it waits
+            log.error("webhooks: endpoint %s cannot be used: %s", row["id"], exc)
+            found[row["id"]] = Endpoint(row["id"], row["url"], tuple(row["events"]), False, (), None)
+    return found
 
 
 # -- deliveries (agent) ------------------------------------------------------------------------

@@ -87,7 +87,7 @@ async def test_fires_once_at_or_after_run_at_then_late_changes_answer_409(
     assert fired["fired_at"] >= created["run_at"] and fired["attempts"] == 1
 
     async def published() -> list[dict[str, Any]] | None:
-        mine = [r for r in await outgoing(deployment) if r["_key"] == key]
+        mine = [r for r in await outgoing(deployment) if r["_key"] == f"schedule:{key}"]  # the owner key
         return mine if len(mine) >= 2 else None
 
     mine = await wait_until(published, 30, "the fired events on outgoing-events")
@@ -134,13 +134,16 @@ async def test_reschedule_to_later_and_cancel_before_due_win(
 
     async def both() -> list[dict[str, Any]] | None:
         records = await outgoing(deployment)
-        return records if any(r["_key"] == moved and r["type"] == "schedule.fired" for r in records) else None
+        fired = any(r["_key"] == f"schedule:{moved}" and r["type"] == "schedule.fired" for r in records)
+        return records if fired else None
 
     records = await wait_until(both, 30, "the moved schedule's event")
     assert [
-        r["data"]["version"] for r in records if r["_key"] == moved and r["type"] == "schedule.fired"
+        r["data"]["version"]
+        for r in records
+        if r["_key"] == f"schedule:{moved}" and r["type"] == "schedule.fired"
     ] == [2]
-    assert not [r for r in records if r["_key"] == cancelled]
+    assert not [r for r in records if r["_key"] == f"schedule:{cancelled}"]
 
 
 async def test_results_retry_with_backoff_then_failed_then_retry_endpoint(

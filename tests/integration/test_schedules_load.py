@@ -103,9 +103,11 @@ async def test_ten_thousand_schedules_with_reschedules_cancels_and_a_worker_cras
     records = await wait_until(all_published, 60, "every schedule.fired on outgoing-events")
     ids_per_key: defaultdict[str, set[str]] = defaultdict(set)
     for r in records:
-        ids_per_key[r["_key"]].add(r["id"])
-        assert r["data"]["fired_at"] >= run_at[r["_key"]].isoformat()
-        assert r["data"]["version"] == (2 if r["_key"] in moved else 1)
+        assert r["_key"].startswith("schedule:")  # keyed by the owner key, `schedule:<key>`
+        key = r["_key"].removeprefix("schedule:")
+        ids_per_key[key].add(r["id"])
+        assert r["data"]["fired_at"] >= run_at[key].isoformat()
+        assert r["data"]["version"] == (2 if key in moved else 1)
     assert set(ids_per_key) == set(keys) - set(cancelled)  # no cancelled one fired
     assert all(len(ids) == 1 for ids in ids_per_key.values())  # exactly one firing each
     repeats = sum(n - 1 for n in Counter(r["id"] for r in records).values())

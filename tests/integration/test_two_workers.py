@@ -161,7 +161,7 @@ async def test_user_schedules_survive_a_kill_9_of_one_of_two_workers(
             n: int = await db.fetchval(
                 "SELECT count(*) FROM outbox WHERE key = ANY($1::text[]) AND type = 'schedule.fired'"
                 " AND published_at IS NOT NULL",
-                keys,
+                [f"schedule:{k}" for k in keys],  # outgoing events are keyed by the owner key
             )
             return n >= N
 
@@ -169,7 +169,7 @@ async def test_user_schedules_survive_a_kill_9_of_one_of_two_workers(
         fired = Counter(
             e["id"]
             for e in await outgoing(deployment)
-            if e["type"] == "schedule.fired" and e["_key"] in set(keys)
+            if e["type"] == "schedule.fired" and e["_key"] in {f"schedule:{k}" for k in keys}
         )
         assert len(fired) == N  # one firing identity per schedule (a relay repeat carries the same id)
     finally:
