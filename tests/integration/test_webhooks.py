@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from parley.localstack import free_port
-from tests.integration.harness import Deployment, wait_until
+from tests.integration.harness import Deployment, GenericChannel, message, wait_until
 from tests.integration.schedule_helpers import call
 from tests.integration.webhook_helpers import Receiver, create_endpoint, fail_first, hang, status
 
@@ -362,3 +362,64 @@ async def test_failing_for_the_whole_window_disables(
     await fire(http, deployment, "test.dead")
     await asyncio.sleep(1.5)  # proving an absence: nothing may arrive within a retry period
     assert len(receiver.at("dead")) == n
+
+
+async def test_conversation_events_reach_a_flaky_endpoint_once_each_in_order(
+    http: aiohttp.ClientSession, deployment: Deployment, receiver: Receiver, channel: GenericChannel
+) -> None:
+    """The issue's case: endpoint down for its first attempts, then up; real conversation events
+    (opened, message.received x3, closed) of 10 conversations, each delivered once per id, and
+    every conversation's events in the order the lifecycle agent emitted them."""
+    types = ["conversation.opened", "message.received", "conversation.closed"]
+    await create_endpoint(http, deployment, receiver, "convs", types)
+    receiver.answers["convs"] = fail_first(2)
+    contacts = [f"5511{uuid.uuid4().int % 10**8:08d}" for _ in range(10)]
+    for text in ("oi", "preciso de ajuda", "meu pedido atrasou"):
+        for contact in contacts:
+            raw, headers = channel.signed(message(uuid.uuid4().hex, contact, text))
+            async with http.post(
+                f"{deployment.base_url}/webhooks/generic/{channel.id}", data=raw, headers=headers
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+
+    async def opened() -> list[str]:
+        got = {r.event["data"].get("contact_id") for r in receiver.at("convs") if r.event["type"] == types[0]}
+        return [c for c in contacts if c not in got]
+
+    await wait_until(lambda: _none_left(opened), 60, "every conversation opened at the endpoint")
+    convs = {}
+    for contact in contacts:
+        code, page = await call(
+            http, deployment, "GET", f"/v1/conversations?channel={channel.id}&contact={contact}"
+        )
+        convs[contact] = page["items"][0]["id"]
+        code, _ = await call(
+            http, deployment, "POST", f"/v1/conversations/{convs[contact]}/close", {"reason": "agent_closed"}
+        )
+        assert code == 202
+
+    async def all_closed() -> bool:
+        counts: dict[str, int] = {}
+        for r in receiver.at("convs"):
+            counts[r.id] = counts.get(r.id, 0) + 1
+        return len(counts) == 50 and min(counts.values()) >= 3  # each refused twice, then taken
+
+    await wait_until(all_closed, 90, "every conversation closed at the endpoint")
+    got = receiver.at("convs")
+    per_id: dict[str, int] = {}
+    for r in got:
+        per_id[r.id] = per_id.get(r.id, 0) + 1
+    assert set(per_id.values()) == {3}, per_id  # refused twice, accepted exactly once
+    for contact in contacts:
+        firsts: list[str] = []
+        for r in got:
+            if r.event["data"].get("contact_id") == contact and r.id not in firsts:
+                firsts.append(r.id)
+        kinds = [next(x.event["type"] for x in got if x.id == i) for i in firsts]
+        assert kinds == [types[0], types[1], types[1], types[1], types[2]], (contact, kinds)
+        texts = [next(x.event["data"].get("text") for x in got if x.id == i) for i in firsts[1:4]]
+        assert texts == ["oi", "preciso de ajuda", "meu pedido atrasou"], (contact, texts)
+
+
+async def _none_left(probe: Any) -> bool:
+    return not await probe()
