@@ -22,8 +22,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
+import asyncpg
+import faust
+
+from agents.runner import consume_in_batches
+from agents.scheduler import owned_partitions
 from domain.timer_wheel import TimerWheel
 
 log = logging.getLogger(__name__)
@@ -203,3 +208,135 @@ class GroupCommit(Generic[R]):
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
+
+
+class Engine(Protocol):
+    """What a LaneAgent drives: the lanes of the partitions this worker holds."""
+
+    async def reload(self, partitions: Iterable[int]) -> int: ...
+
+    async def revoke(self, partitions: set[int]) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+class LaneAgent:
+    """What the webhook and the send agents share around their engine (Dispatcher, Sender):
+
+    - a Faust agent on `topic` whose records name work for the engine (`handle`, batched, acked
+      once handled; the work itself is already in Postgres);
+    - after an assignment, the engine reloads the new partitions' open work from Postgres; before
+      a revocation completes, it stops (cancelling requests in flight) and forgets them;
+    - a LISTEN connection for the NOTIFY channels in `listeners()`; after every (re)connect
+      `connected()` runs, so nothing announced while it was down is missed;
+    - the HTTP client is opened before the engine runs and closed after.
+    """
+
+    name = "lanes"
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: Any,
+        topic: faust.TopicT,
+        engine: Engine,
+        http: Any,
+        on_fatal: Callable[[BaseException], None],
+        *,
+        linger: float,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.topic = topic
+        self.engine = engine
+        self.http = http
+        self.on_fatal = on_fatal
+        self.linger = linger
+
+    def register(self) -> None:
+        """Attach the agent, the engine, the listener and the rebalance hooks to the app."""
+        self.app.agent(self.topic, name=self.name)(self._run)
+        self.app.task(self._engine)
+        self.app.task(self._listen)
+        self.app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+        self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
+
+    def owned(self) -> set[int]:
+        """Partitions of the topic this worker consumes now."""
+        return owned_partitions(self.app, self.topic)
+
+    def listeners(self) -> dict[str, Callable[[str], None]]:
+        """NOTIFY channel -> what to do with a payload."""
+        return {}
+
+    async def connected(self) -> None:
+        """After (re)connecting the listener: catch up on what it may have missed."""
+        await self.engine.reload(self.owned())
+
+    async def handle(self, batch: list[Any]) -> None:
+        raise NotImplementedError
+
+    def reload_later(self, partition: int) -> None:
+        """A NOTIFY said this partition has open work again: reload it, if it is ours."""
+        if partition in self.owned():
+            task = asyncio.ensure_future(self.engine.reload({partition}))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _mine(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: str) -> set[int]:
+        name = self.topic.get_topic_name()
+        tps: Iterable[Any] = args[0] if args else kwargs.get(key, ())
+        return {tp.partition for tp in tps if tp.topic == name}
+
+    async def _on_assigned(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        mine = self._mine(args, kwargs, "assigned")
+        if mine:
+            what = f"{self.name}: reloading {sorted(mine)}"
+            n = await retry_forever(lambda: self.engine.reload(mine), what)
+            log.info("%s: partitions %s assigned, %d open items loaded", self.name, sorted(mine), n)
+
+    async def _on_revoked(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        gone = self._mine(args, kwargs, "revoked")
+        if gone:
+            await self.engine.revoke(gone)
+
+    async def _engine(self) -> None:
+        await self.http.start()
+        try:
+            await self.engine.run()
+        finally:
+            await self.http.close()
+
+    async def _listen(self) -> None:
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self.settings.database_url)
+                for channel, react in self.listeners().items():
+                    await conn.add_listener(channel, _payload_only(react))
+                await self.connected()
+                while not conn.is_closed():
+                    await asyncio.sleep(5)  # keepalive probe interval, not synchronisation
+                    await conn.execute("SELECT 1")
+            except Exception as exc:  # noqa: BLE001 - reconnect; connected() catches up
+                log.warning("%s: listener lost (%s: %s); reconnecting", self.name, type(exc).__name__, exc)
+                await asyncio.sleep(1)  # reconnect backoff
+            finally:
+                if conn is not None:
+                    await conn.close()
+
+    async def _run(self, stream: faust.StreamT[bytes]) -> None:
+        await consume_in_batches(
+            stream,
+            limit=self.settings.worker_batch_size,
+            linger=self.linger,
+            handle=self.handle,
+            name=f"{self.name} intake",
+            on_fatal=self.on_fatal,
+        )
+
+
+def _payload_only(react: Callable[[str], None]) -> Callable[..., None]:
+    def listener(conn: Any, pid: int, channel: str, payload: object) -> None:
+        react(str(payload))
+
+    return listener

@@ -36,9 +36,7 @@ import asyncpg
 import faust
 import orjson
 
-from agents.lanes import GroupCommit, LaneKey, Lanes, retry_forever
-from agents.runner import consume_in_batches
-from agents.scheduler import owned_partitions
+from agents.lanes import GroupCommit, LaneAgent, LaneKey, Lanes, retry_forever
 from agents.webhook_client import WebhookSender
 from channels import outbound
 from domain.ratelimit import TokenBucket
@@ -437,8 +435,10 @@ def build_request(view: ChannelView, s: db.Send, settings: Settings) -> outbound
     raise ValueError(f"a {view.provider} channel cannot send messages")
 
 
-class SendAgent:
-    """The consumer of <prefix>.sends, the sender, and the listener that keeps it current."""
+class SendAgent(LaneAgent):
+    """The consumer of <prefix>.sends around the sender (agents/lanes.LaneAgent)."""
+
+    name = "sender"
 
     def __init__(
         self,
@@ -448,11 +448,7 @@ class SendAgent:
         pool: Pool,
         on_fatal: Callable[[BaseException], None],
     ) -> None:
-        self.app = app
-        self.settings = settings
-        self.topic = topic
         self.pool = pool
-        self.on_fatal = on_fatal
         self.http = WebhookSender(
             allow_http=settings.outbound_allow_http,
             allow_private=settings.outbound_allow_private,
@@ -461,82 +457,23 @@ class SendAgent:
         )
         self.channels = Channels(pool, settings.secrets_key, settings.send_rate_margin)
         self.sender = Sender(pool, self.channels, self.http, settings)
+        super().__init__(app, settings, topic, self.sender, self.http, on_fatal, linger=0)
 
-    def register(self) -> None:
-        self.app.agent(self.topic, name="sender")(self._run)
-        self.app.task(self._send_loop)
-        self.app.task(self._listen)
-        self.app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
-        self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
+    def listeners(self) -> dict[str, Callable[[str], None]]:
+        return {"parley_channels": lambda _: self.sender.channels_changed(), db.SENDS_CHANNEL: self._notified}
 
-    def owned(self) -> set[int]:
-        return owned_partitions(self.app, self.topic)
+    async def connected(self) -> None:
+        self.sender.channels_changed()
+        await super().connected()
 
-    async def _on_assigned(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        name = self.topic.get_topic_name()
-        assigned: Iterable[Any] = args[0] if args else kwargs.get("assigned", ())
-        mine = {tp.partition for tp in assigned if tp.topic == name}
-        if mine:
-            n = await retry_forever(lambda: self.sender.reload(mine), f"sender: reloading {sorted(mine)}")
-            log.info("sender: partitions %s assigned, %d open sends loaded", sorted(mine), n)
-
-    async def _on_revoked(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        name = self.topic.get_topic_name()
-        revoked: Iterable[Any] = args[0] if args else kwargs.get("revoked", ())
-        gone = {tp.partition for tp in revoked if tp.topic == name}
-        if gone:
-            await self.sender.revoke(gone)
-
-    async def _send_loop(self) -> None:
-        await self.http.start()
-        try:
-            await self.sender.run()
-        finally:
-            await self.http.close()
-
-    async def _listen(self) -> None:
-        """LISTEN for channel changes and re-queued sends; on a lost connection, reload."""
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self.settings.database_url)
-                await conn.add_listener("parley_channels", lambda *_: self.sender.channels_changed())
-                await conn.add_listener(db.SENDS_CHANNEL, self._notified)
-                self.sender.channels_changed()
-                await self.sender.reload(self.owned())
-                while not conn.is_closed():
-                    await asyncio.sleep(5)  # keepalive probe interval, not synchronisation
-                    await conn.execute("SELECT 1")
-            except Exception as exc:  # noqa: BLE001 - reconnect; the reload above catches up
-                log.warning("sender: listener lost (%s: %s); reconnecting", type(exc).__name__, exc)
-                await asyncio.sleep(1)  # reconnect backoff
-            finally:
-                if conn is not None:
-                    await conn.close()
-
-    def _notified(self, conn: Any, pid: int, channel: str, payload: object) -> None:
-        text = str(payload)
+    def _notified(self, text: str) -> None:
         if text.startswith("channel:"):
             self.sender.channels_changed()
-            return
-        if text.startswith("settled:"):  # a receipt settled a send in doubt: its lane goes on now
+        elif text.startswith("settled:"):  # a receipt settled a send in doubt: its lane goes on now
             channel_id, _, contact_id = text.removeprefix("settled:").partition("\n")
             self.sender.settled((channel_id, contact_id))
-            return
-        partition = int(text)
-        if partition in self.owned():
-            task = asyncio.ensure_future(self.sender.reload({partition}))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-    async def _run(self, stream: faust.StreamT[bytes]) -> None:
-        await consume_in_batches(
-            stream,
-            limit=self.settings.worker_batch_size,
-            linger=0,
-            handle=self.handle,
-            name="sender intake",
-            on_fatal=self.on_fatal,
-        )
+        else:
+            self.reload_later(int(text))
 
     async def handle(self, batch: list[Any]) -> None:
         """Take the batch's sends in. A record only says which send to look at: its state is read

@@ -35,9 +35,7 @@ import asyncpg
 import faust
 import orjson
 
-from agents.lanes import GroupCommit, LaneKey, Lanes, retry_forever
-from agents.runner import consume_in_batches
-from agents.scheduler import owned_partitions
+from agents.lanes import GroupCommit, LaneAgent, LaneKey, Lanes, retry_forever
 from agents.webhook_client import WebhookSender
 from domain.webhooks import Outcome, Step, after_attempt
 from streams import webhooks_db as db
@@ -289,8 +287,10 @@ class Dispatcher:
             await db.record_results(conn, results)
 
 
-class WebhookAgent:
-    """The fan-out agent, the dispatcher, and the listener that keeps both current."""
+class WebhookAgent(LaneAgent):
+    """The fan-out agent on outgoing-events, around the dispatcher (agents/lanes.LaneAgent)."""
+
+    name = "webhooks"
 
     def __init__(
         self,
@@ -301,12 +301,8 @@ class WebhookAgent:
         dead_letter: Callable[[Any, str, int], Awaitable[None]],
         on_fatal: Callable[[BaseException], None],
     ) -> None:
-        self.app = app
-        self.settings = settings
-        self.topic = topic
         self.pool = pool
         self.dead_letter = dead_letter
-        self.on_fatal = on_fatal
         self.endpoints = Endpoints(pool, settings.secrets_key)
         self.sender = WebhookSender(
             allow_http=settings.outbound_allow_http,
@@ -316,78 +312,18 @@ class WebhookAgent:
         )
         self.dispatcher = Dispatcher(pool, self.endpoints, self.sender, settings)
         self.fanned_out = 0
+        linger = settings.worker_linger.total_seconds()
+        super().__init__(app, settings, topic, self.dispatcher, self.sender, on_fatal, linger=linger)
 
-    def register(self) -> None:
-        """Attach the agent, the dispatcher and the listener to the app."""
-        self.app.agent(self.topic, name="webhooks")(self._run)
-        self.app.task(self._dispatch)
-        self.app.task(self._listen)
-        self.app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
-        self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
+    def listeners(self) -> dict[str, Callable[[str], None]]:
+        return {
+            db.ENDPOINTS_CHANNEL: lambda _: self.endpoints.invalidate(),
+            db.DELIVERIES_CHANNEL: lambda payload: self.reload_later(int(payload)),
+        }
 
-    def owned(self) -> set[int]:
-        """Partitions of outgoing-events this worker consumes now."""
-        return owned_partitions(self.app, self.topic)
-
-    async def _on_assigned(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        name = self.topic.get_topic_name()
-        assigned: Iterable[Any] = args[0] if args else kwargs.get("assigned", ())
-        mine = {tp.partition for tp in assigned if tp.topic == name}
-        if mine:
-            n = await retry_forever(
-                lambda: self.dispatcher.reload(mine), f"reloading deliveries of {sorted(mine)}"
-            )
-            log.info("webhooks: partitions %s assigned, %d pending deliveries loaded", sorted(mine), n)
-
-    async def _on_revoked(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        name = self.topic.get_topic_name()
-        revoked: Iterable[Any] = args[0] if args else kwargs.get("revoked", ())
-        gone = {tp.partition for tp in revoked if tp.topic == name}
-        if gone:
-            await self.dispatcher.revoke(gone)
-
-    async def _dispatch(self) -> None:
-        await self.sender.start()
-        try:
-            await self.dispatcher.run()
-        finally:
-            await self.sender.close()
-
-    async def _listen(self) -> None:
-        """LISTEN for endpoint changes and re-pended deliveries; on a lost connection, reload."""
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self.settings.database_url)
-                await conn.add_listener(db.ENDPOINTS_CHANNEL, lambda *_: self.endpoints.invalidate())
-                await conn.add_listener(db.DELIVERIES_CHANNEL, self._deliveries_notified)
-                self.endpoints.invalidate()
-                await self.dispatcher.reload(self.owned())  # whatever was announced meanwhile
-                while not conn.is_closed():
-                    await asyncio.sleep(5)  # keepalive probe interval, not synchronisation
-                    await conn.execute("SELECT 1")
-            except Exception as exc:  # noqa: BLE001 - reconnect; the reload above catches up
-                log.warning("webhooks: listener lost (%s: %s); reconnecting", type(exc).__name__, exc)
-                await asyncio.sleep(1)  # reconnect backoff
-            finally:
-                if conn is not None:
-                    await conn.close()
-
-    def _deliveries_notified(self, conn: Any, pid: int, channel: str, payload: object) -> None:
-        partition = int(str(payload))
-        if partition in self.owned():
-            task = asyncio.ensure_future(self.dispatcher.reload({partition}))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-    async def _run(self, stream: faust.StreamT[bytes]) -> None:
-        await consume_in_batches(
-            stream,
-            limit=self.settings.worker_batch_size,
-            linger=self.settings.worker_linger.total_seconds(),
-            handle=self.handle,
-            name="webhooks fan-out",
-            on_fatal=self.on_fatal,
-        )
+    async def connected(self) -> None:
+        self.endpoints.invalidate()
+        await super().connected()
 
     async def handle(self, batch: list[Any]) -> None:
         """Store the batch's deliveries, then give the new ones to the dispatcher."""
