@@ -90,6 +90,11 @@ def accepted_by_contact(sim: Simulator, n: Number) -> dict[str, list[str]]:
     return out
 
 
+def distinct(sim: Simulator, n: Number) -> set[str | None]:
+    """The messages the provider accepted at least once."""
+    return {a.parley_message_id for a in accepted_for(sim, n)}
+
+
 def worker_label(dep: Deployment) -> str:
     [label] = [k for k in dep.processes if k.startswith("worker")]
     return label
@@ -120,15 +125,16 @@ async def kill_loop(
     for i, share in enumerate(KILLS_AT, start=1):
 
         async def reached(share: float = share) -> int | None:
-            """This share accepted, and an attempt stored as leaving (a request in flight)."""
-            count = len(accepted_for(sim, n))
+            """This share of the messages accepted (resends not counted: their burst of accepts
+            would time the kill to them), and an attempt stored as leaving."""
+            count = len(distinct(sim, n))
             if count < share * TOTAL:
                 return None
             return count if (await statuses(db, n.channel_id)).get("sending") else None
 
         await wait_until(reached, 120, f"{share:.0%} of the messages at the provider before kill {i}")
         dep.kill(worker_label(dep))  # kill -9, requests in flight
-        at_kill = len(accepted_for(sim, n))
+        at_kill = len(distinct(sim, n))
         states = await statuses(db, n.channel_id)
         leaving = await db.fetch(
             "SELECT id::text FROM outbound_sends WHERE channel_id = $1 AND status = 'sending'", n.channel_id
