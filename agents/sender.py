@@ -159,7 +159,10 @@ class Sender:
         for s in sends:
             due: float | None = s.next_attempt_at.timestamp() if s.next_attempt_at else None
             if s.status == "sending" and s.sending_at is not None:  # in doubt: wait for a receipt
-                due = s.sending_at.timestamp() + self.in_doubt_wait
+                # From now, not from when the attempt left: a status webhook that came while no
+                # worker owned this send (kill -9, rebalance) is applied only once this worker's
+                # lifecycle agent catches up, so the wait must start when the send is taken over.
+                due = max(s.sending_at.timestamp(), time.time()) + self.in_doubt_wait
             self.lanes.add(
                 (s.channel_id, s.contact_id), s.partition, s.seq, s.id, s, None if due is None else _ms(due)
             )

@@ -329,8 +329,11 @@ def twilio_request(
 ) -> ProviderRequest:
     """The Programmable Messaging send request (form-encoded, HTTP Basic sid:token).
 
-    `sender` and `to` go out as the channel holds them ("whatsapp:+1..." for WhatsApp, "+1..."
-    for SMS). `status_callback` is normally `twilio_status_callback(public_url, message_id)`.
+    `sender` goes out as the channel holds it ("whatsapp:+1..." for WhatsApp, "+1..." for SMS);
+    `to` in the sender's channel: a plain "+55..." gets the sender's "whatsapp:" prefix, since
+    Parley keeps a Twilio WhatsApp contact without it (channels/twilio.py) and Twilio refuses a
+    From/To pair of two channels (21910). `status_callback` is normally
+    `twilio_status_callback(public_url, message_id)`.
     Unsupported for a template that is not a Content SID, or whose parameters are not all text.
     """
     _require_base(api_base, "api_base")
@@ -341,6 +344,9 @@ def twilio_request(
     _require_text(to, "to")
     _require_message_id(message_id)
     _require_base(status_callback, "status_callback")
+    channel, colon, _ = sender.partition(":")
+    if colon and ":" not in to:
+        to = f"{channel}:{to}"
     fields: list[tuple[str, str]] = [("To", to), ("From", sender)]
     if isinstance(content, TextContent):
         fields.append(("Body", content.text))

@@ -69,6 +69,7 @@ TW_ERRORS: dict[int, tuple[int, str]] = {
     21604: (400, "A 'To' phone number is required."),
     21610: (400, "Attempt to send to unsubscribed recipient"),
     21619: (400, "A text message body or media urls must be specified."),
+    21910: (400, "Invalid 'From' and 'To' pair. 'From' and 'To' should be of the same channel"),
     30008: (400, "Unknown error"),
     63016: (
         400,
@@ -312,4 +313,12 @@ def twilio_form_problem(form: dict[str, str], media: list[str]) -> int | None:
         return 21619
     if not _E164.fullmatch(form["To"].removeprefix("whatsapp:")):
         return 21211
+    if _channel(form["To"]) != _channel(form["From"]):
+        return 21910  # e.g. From whatsapp:+1..., To +55...: Twilio sends within one channel
     return None
+
+
+def _channel(address: str) -> str:
+    """A Twilio address's channel: "whatsapp" for "whatsapp:+1...", "" for a plain number."""
+    prefix, colon, _ = address.partition(":")
+    return prefix if colon else ""

@@ -25,8 +25,9 @@ What it imitates, and where the shapes come from (checked against the providers'
   auth AccountSid:AuthToken (twilio.com/docs/messaging/api/message-resource): 201 with the
   Message resource (``sid`` SM/MM + 32 hex, ``status`` queued); errors as the 2010 API's JSON
   ``{"code", "message", "more_info", "status"}`` (twilio.com/docs/usage/twilios-response):
-  20003 (401) bad credentials, 21604/21603/21619 missing To/From/Body, 21211 invalid To, 20429
-  over the per-sender rate. Real Twilio queues sends above a sender's MPS (10 MPS by default
+  20003 (401) bad credentials, 21604/21603/21619 missing To/From/Body, 21211 invalid To, 21910
+  From and To of different channels (whatsapp:+1... to a plain +55...), 20429 over the
+  per-sender rate. Real Twilio queues sends above a sender's MPS (10 MPS by default
   for WhatsApp senders) instead of refusing them; refusing with 20429 is the stricter double.
 * Status webhooks: WhatsApp's envelope (object whatsapp_business_account, entry[].changes[]
   .value.statuses[] with id, status, timestamp, recipient_id, biz_opaque_callback_data,

@@ -308,6 +308,8 @@ async def test_twilio_bad_credentials_are_20003_and_bad_forms_their_codes(
     assert (await tw_send(http, sim, tw_form("not-a-number", "m")))[1]["code"] == 21211
     assert (await tw_send(http, sim, {"From": "+14155238886", "Body": "x"}))[1]["code"] == 21604
     assert (await tw_send(http, sim, {"To": "+14155550100", "From": "+14155238886"}))[1]["code"] == 21619
+    # a WhatsApp sender to a plain number: Twilio refuses a From/To pair of two channels
+    assert (await tw_send(http, sim, tw_form("+14155550100", "m")))[1]["code"] == 21910
     assert sim.stats().accepted == []
 
 
@@ -384,8 +386,8 @@ async def test_injected_errors_hit_the_next_n_requests_for_that_recipient_only(
     second = await wa_send(http, sim, text_message("14155550100"))
     third = await wa_send(http, sim, text_message("14155550100"))
     raw = await wa_send(http, sim, text_message("14155550300"))
-    blocked = await tw_send(http, sim, tw_form("+14155550100", "m1"))
-    unblocked = await tw_send(http, sim, tw_form("+14155550100", "m2"))
+    blocked = await tw_send(http, sim, tw_form("whatsapp:+14155550100", "m1"))
+    unblocked = await tw_send(http, sim, tw_form("whatsapp:+14155550100", "m2"))
 
     assert first[0] == second[0] == 500
     assert_graph_error(first[1], 131000)
@@ -473,7 +475,7 @@ async def test_webhooks_switched_off_send_nothing(
 ) -> None:
     sim.configure_webhooks(WebhookSettings(enabled=False))
     assert (await wa_send(http, sim, text_message("14155550100", "quiet")))[0] == 200
-    assert (await tw_send(http, sim, tw_form("+14155550100", "quiet-tw")))[0] == 201
+    assert (await tw_send(http, sim, tw_form("whatsapp:+14155550100", "quiet-tw")))[0] == 201
 
     await sim.drain_webhooks()  # nothing was scheduled, so nothing can still arrive
 

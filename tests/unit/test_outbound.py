@@ -293,6 +293,22 @@ def tw_form(item: dict[str, Any]) -> list[tuple[str, str]]:
     return form[2:-1]
 
 
+def test_twilio_to_goes_in_the_senders_channel() -> None:
+    """A Twilio WhatsApp contact is stored without "whatsapp:" (channels/twilio.py); Twilio refuses
+    a whatsapp: From with a plain To (21910), so the request puts To in the sender's channel."""
+    text = {"type": "text", "text": "oi"}
+
+    def pair(**overrides: str) -> list[tuple[str, str]]:
+        return parse_qsl(tw(text, **overrides).body.decode())[:2]
+
+    assert pair(to="+14017122661") == [("To", TW_USER), ("From", SANDBOX)]
+    assert pair(to=TW_USER) == [("To", TW_USER), ("From", SANDBOX)]
+    assert pair(to="+14017122661", sender="+14155238886") == [
+        ("To", "+14017122661"),
+        ("From", "+14155238886"),
+    ]
+
+
 def test_twilio_text() -> None:
     assert tw_form({"type": "text", "text": "Olá & até já = 👋"}) == [("Body", "Olá & até já = 👋")]
 
