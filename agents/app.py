@@ -88,19 +88,30 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     app.task(lifecycle.scheduler.load_ahead)
     app.task(sweep.run)
     app.task(pruner.run)
-    outgoing = app.topic(topics.outgoing_events, key_serializer="raw", value_serializer="raw")
-    outbox = OutboxRelay(lifecycle.pool, outgoing, settings.topic_partitions, lifecycle.scheduler.owned)
+    outbox = OutboxRelay(
+        lifecycle.pool,
+        settings.kafka_bootstrap_servers,
+        topics.outgoing_events,
+        settings.topic_partitions,
+        lifecycle.scheduler.owned,
+    )
     lifecycle.outbox_written = outbox.wake
     app.task(outbox.run)
+    outgoing = app.topic(topics.outgoing_events, key_serializer="raw", value_serializer="raw")
     webhooks = WebhookAgent(app, settings, outgoing, lifecycle.pool, lifecycle.dead_letter, lifecycle.fatal)
     webhooks.register()
     dispatcher = webhooks.dispatcher
     sends = app.topic(topics.sends, key_serializer="raw", value_serializer="raw")
-    outbox.topics["sends"] = sends
+    outbox.topics["sends"] = topics.sends
     sending = SendAgent(app, settings, sends, lifecycle.pool, lifecycle.fatal)
     sending.sender.park = lifecycle.park_send
     sending.register()
     sender = sending.sender
+
+    async def stop_relay(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await outbox.stop()
+
+    app.on_before_shutdown.connect(stop_relay)  # type: ignore[arg-type]  # mode types it loosely
 
     async def metrics() -> None:
         def gauges() -> dict[str, float]:

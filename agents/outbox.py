@@ -44,8 +44,8 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any
 
 import asyncpg
-import faust
 import orjson
+from aiokafka import AIOKafkaProducer
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ class OutboxRelay:
     def __init__(
         self,
         pool: Callable[[], Awaitable[asyncpg.Pool]],
-        topic: faust.TopicT,
+        bootstrap: str,
+        topic: str,
         partitions: int,
         owned: Callable[[], Collection[int]],
         *,
@@ -103,8 +104,10 @@ class OutboxRelay:
         retry: float = 0.02,
     ) -> None:
         self.pool = pool
+        self.bootstrap = bootstrap
         self.topic = topic
-        self.topics: dict[str, faust.TopicT] = {}  # the outbox's `topic` column -> where it goes
+        self.topics: dict[str, str] = {}  # the outbox's `topic` column -> the Kafka topic
+        self._producer: AIOKafkaProducer | None = None
         self.everything = [*range(partitions), LEGACY]
         self.owned = owned  # the partitions this worker's agent writes (the conversation topic's)
         self.batch = batch  # rows per partition per round
@@ -113,6 +116,27 @@ class OutboxRelay:
         self.published = 0
         self._wake = asyncio.Event()
         self._also: set[int] = set()
+
+    async def _producer_started(self) -> AIOKafkaProducer:
+        # A producer of its own: aiokafka's futures cost a fraction of Faust's per-record send
+        # machinery, and a broker error cannot wedge the agents' shared producer (it is replaced).
+        if self._producer is None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                acks="all",
+                enable_idempotence=True,  # keeps each partition's order across retries
+                linger_ms=2,
+                max_batch_size=262_144,
+            )
+            await producer.start()
+            self._producer = producer
+        return self._producer
+
+    async def stop(self) -> None:
+        """Flush and close the relay's producer."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
 
     def wake(self, elsewhere: Iterable[int] = ()) -> None:
         """New rows were committed: publish them now rather than at the next poll (`elsewhere`:
@@ -132,14 +156,20 @@ class OutboxRelay:
                 rows += await conn.fetch(_TAKE_LEGACY, self.batch)
             if not rows:
                 return 0, busy
-            futures = [
-                await self.topics.get(row["topic"], self.topic).send(
-                    key=row["key"].encode(), value=outgoing_value(row)
-                )
-                for row in rows
-            ]
-            for fut in futures:
-                await fut  # acks=all before the rows count as published
+            producer = await self._producer_started()
+            try:
+                futures = [
+                    await producer.send(
+                        self.topics.get(row["topic"], self.topic),
+                        outgoing_value(row),
+                        key=row["key"].encode(),
+                    )
+                    for row in rows
+                ]
+                await asyncio.gather(*futures)  # acks=all before the rows count as published
+            except BaseException:
+                await self.stop()  # a fresh producer (new producer id) for the next round
+                raise
             await conn.execute(_MARK, [row["id"] for row in rows])
         self.published += len(rows)
         return len(rows), busy

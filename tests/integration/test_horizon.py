@@ -120,7 +120,8 @@ async def test_an_action_beyond_the_horizon_waits_in_postgres_then_fires_on_time
     assert (await _held(http, deployment))["parley_timers_loaded_total"] >= loaded_before + 1
 
     async def published() -> list[dict[str, Any]] | None:
-        mine = [r for r in await outgoing(deployment) if r["_key"] == key and r["type"] == "schedule.fired"]
+        owner = f"schedule:{key}"
+        mine = [r for r in await outgoing(deployment) if r["_key"] == owner and r["type"] == "schedule.fired"]
         return mine or None
 
     assert len(await wait_until(published, 30, "schedule.fired on outgoing-events")) == 1
