@@ -205,6 +205,11 @@ async def schedule_phase(services: Services, scale: float) -> None:
                 "  published on outgoing-events (published_at - run_at)",
                 f"p50 {pct(pub_ms, 50):.0f} ms, p99 {pct(pub_ms, 99):.0f} ms, max {max(pub_ms):.0f} ms",
             )
+            relay_ms = [1000 * x for x in result["relay"]]
+            row(
+                "  of which the relay (published_at - fired_at)",
+                f"p50 {pct(relay_ms, 50):.0f} ms, p99 {pct(relay_ms, 99):.0f} ms, max {max(relay_ms):.0f} ms",
+            )
             row("  early / fired twice", f"{result['early']} / {result['duplicates']}")
     finally:
         dep.stop_all()

@@ -76,7 +76,8 @@ async def change(
 
 async def firing(http: aiohttp.ClientSession, dep: Deployment, n: int, create_rate: float) -> dict[str, Any]:
     """n schedules due within one minute, starting once they can all be created: lateness of the
-    firing (fired_at - run_at) and of the publication on outgoing-events (published_at - run_at)."""
+    firing (fired_at - run_at), of the publication on outgoing-events (published_at - run_at) and
+    the relay's share of it (published_at - fired_at: the commit that fired it to the mark)."""
     run = uuid.uuid4().hex[:6]
     keys = [f"due:{run}:{i}" for i in range(n)]
     lead = timedelta(seconds=15 + 1.5 * n / create_rate)  # all created before the first is due
@@ -98,7 +99,8 @@ async def firing(http: aiohttp.ClientSession, dep: Deployment, n: int, create_ra
         await wait_until(published, 600, f"all {n:,} schedules fired and published")
         rows = await db.fetch(
             "SELECT extract(epoch FROM s.fired_at - s.run_at) AS fire,"
-            " extract(epoch FROM o.published_at - s.run_at) AS publish"
+            " extract(epoch FROM o.published_at - s.run_at) AS publish,"
+            " extract(epoch FROM o.published_at - s.fired_at) AS relay"
             " FROM schedules s JOIN outbox o ON o.key = 'schedule:' || s.key AND o.type = 'schedule.fired'"
             " WHERE s.key LIKE $1",
             f"due:{run}:%",
@@ -115,6 +117,7 @@ async def firing(http: aiohttp.ClientSession, dep: Deployment, n: int, create_ra
         "created_before_due": created < first,
         "fire": fire,
         "publish": [float(r["publish"]) for r in rows],
+        "relay": [float(r["relay"]) for r in rows],
         "early": sum(1 for f in fire if f < 0),
         "duplicates": fired_twice,
     }
