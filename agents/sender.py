@@ -27,7 +27,6 @@ import asyncio
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -50,10 +49,6 @@ from streams.store import Store
 
 log = logging.getLogger(__name__)
 Pool = Callable[[], Awaitable[asyncpg.Pool]]
-# The window the number's limit is kept in as requests leave: a little over the provider's 1 s,
-# so a request that travels a little faster than the one before it still lands in a window the
-# provider counts within the limit.
-LEAVE_WINDOW_S = 1.02
 
 
 def _ms(seconds: float) -> int:
@@ -72,19 +67,6 @@ class ChannelView:
     recipient_rate: float
     recipient_burst: float
     recipients: dict[str, TokenBucket] = field(default_factory=dict)
-    limit: int = 80  # the number's throughput: most requests leaving in any LEAVE_WINDOW_S
-    left: deque[float] = field(default_factory=deque)  # monotonic times requests left, newest last
-
-    async def leave(self) -> None:
-        """Wait until one more request fits the number's limit in the window, and count it."""
-        while True:
-            now = time.monotonic()
-            while self.left and now - self.left[0] >= LEAVE_WINDOW_S:
-                self.left.popleft()
-            if len(self.left) < self.limit:
-                self.left.append(now)
-                return
-            await asyncio.sleep(LEAVE_WINDOW_S - (now - self.left[0]))  # until the oldest is out
 
     def recipient(self, contact_id: str) -> TokenBucket:
         bucket = self.recipients.get(contact_id)
@@ -139,16 +121,9 @@ class Channels:
             if channel is None:
                 continue
             config = channel.config(now)
-            throughput = float(config.get("throughput", 80.0))
-            rate = throughput * self.margin
-            # The bucket paces starts; its burst is the margin's worth of tokens (at least 1), so
-            # a round that wakes a little late (timers, a busy loop) loses nothing, while tokens
-            # in any second stay within burst + rate = the throughput. `leave` then keeps the
-            # requests themselves within the limit however the attempts' own waits bunch them.
-            burst = max(1.0, throughput - rate)
+            rate = float(config.get("throughput", 80.0)) * self.margin
             old = self.views.get(channel_id)
-            keep = old is not None and old.bucket.rate == rate and old.bucket.burst == burst
-            bucket = old.bucket if old is not None and keep else TokenBucket(rate, burst)
+            bucket = old.bucket if old and old.bucket.rate == rate else TokenBucket(rate, 1)
             views[channel_id] = ChannelView(
                 channel_id,
                 channel.provider,
@@ -158,8 +133,6 @@ class Channels:
                 float(config.get("recipient_rate", 1e9)),
                 float(config.get("recipient_burst", 1e9)),
                 old.recipients if old else {},
-                max(1, int(throughput)),
-                old.left if old else deque(),
             )
         self.views = views
         return views
@@ -335,7 +308,6 @@ class Sender:
         except ValueError as exc:  # no token / sender configured, or content the provider cannot take
             result = outbound.SendOutcome("failed", code="parley", title=str(exc))
         else:
-            await view.leave()
             answer = await self.http.post(request.url, request.body, request.headers)
             self._release(view.id, slot)
             classify = outbound.classify_whatsapp if view.provider == "whatsapp" else outbound.classify_twilio
