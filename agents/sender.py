@@ -83,14 +83,26 @@ class Channels:
         self.margin = margin
         self.views: dict[str, ChannelView] = {}
         self.stale = True
+        # One reload at a time: two that overlap (the send loop's, and a NOTIFY's) could finish
+        # out of order, and the older read (channel still paused) would overwrite the newer one
+        # after the newer one had woken the channel's lanes, leaving them asleep for good.
+        self._reloading = asyncio.Lock()
 
     def invalidate(self) -> None:
         self.stale = True
 
     async def current(self) -> dict[str, ChannelView]:
-        if not self.stale:
-            return self.views
-        self.stale = False
+        async with self._reloading:
+            if not self.stale:
+                return self.views
+            self.stale = False
+            try:
+                return await self._reload()
+            except BaseException:
+                self.stale = True  # the next call reads again
+                raise
+
+    async def _reload(self) -> dict[str, ChannelView]:
         pool = await self.pool()
         store = Store(pool, Sealer(self.secrets_key))
         now = datetime.now(UTC)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
-from bench import baselines, batches, cpu, pipeline, recovery, schedules, timers, webhooks
+from bench import baselines, batches, cpu, pipeline, recovery, schedules, sends, timers, webhooks
 from bench.stats import pct, row, summary_ms
 from tests.integration.harness import Deployment, GenericChannel, Services, local_services
 
@@ -101,6 +101,7 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
         dep.stop_all()
     await schedule_phase(services, scale)
     await webhooks.run(services, scale)
+    await sends.run(services, scale)
     if skip_timers:
         return
     await restart(services, int(1_000_000 * scale))
@@ -241,8 +242,10 @@ def main() -> None:
     parser.add_argument("--recovery-only", action="store_true", help="only the worker recovery phase")
     parser.add_argument("--schedules-only", action="store_true", help="only the schedules phase")
     parser.add_argument("--webhooks-only", action="store_true", help="only the outgoing-webhooks phase")
+    parser.add_argument("--sends-only", action="store_true", help="only the outbound-sends phase")
     args = parser.parse_args()
-    if args.projection_only or args.recovery_only or args.schedules_only or args.webhooks_only:
+    only = [args.projection_only, args.recovery_only, args.schedules_only, args.webhooks_only]
+    if any(only) or args.sends_only:
         with local_services("parley-bench-") as services:
             if args.projection_only:
                 asyncio.run(projection(services))
@@ -252,6 +255,8 @@ def main() -> None:
                 asyncio.run(schedule_phase(services, args.scale))
             if args.webhooks_only:
                 asyncio.run(webhooks.run(services, args.scale))
+            if args.sends_only:
+                asyncio.run(sends.run(services, args.scale))
         return
     with local_services("parley-bench-") as services:
         print(

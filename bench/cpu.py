@@ -17,6 +17,8 @@ _MARKERS = {
     "api": "parley.cli api",
     "receiver": "bench.webhook_receiver serve",
     "raw http client": "bench.webhook_receiver post",
+    "simulator": "sandbox.simulator",
+    "raw graph client": "bench.sends post",
 }
 
 
