@@ -178,6 +178,54 @@ class Lanes(Generic[T]):
         return list(self.lanes.items())
 
 
+class LaneEngine(Generic[T]):
+    """The part of an engine (webhook Dispatcher, message Sender) that is about partitions: open
+    work is reloaded from Postgres after an assignment or a NOTIFY, and dropped on revocation.
+    Subclasses give `open_work` (the query) and `add` (how an item joins its lane)."""
+
+    def __init__(self) -> None:
+        self.lanes: Lanes[T] = Lanes()
+        self.busy: dict[LaneKey, asyncio.Task[None]] = {}  # lanes whose head is out now
+        self._reloading = asyncio.Lock()
+
+    @property
+    def pending(self) -> int:
+        return len(self.lanes.known)
+
+    async def open_work(self, partitions: set[int]) -> list[T]:
+        raise NotImplementedError
+
+    def add(self, items: Iterable[T]) -> None:
+        raise NotImplementedError
+
+    async def reload(self, partitions: Iterable[int]) -> int:
+        """Add the open work Postgres has for these partitions; returns how many were new here.
+        What finishes while the query runs is not taken back in (see Lanes.finished)."""
+        wanted = set(partitions)
+        if not wanted:
+            return 0
+        async with self._reloading:
+            before = self.pending
+            self.lanes.finished = set()
+            try:
+                self.add(await self.open_work(wanted))
+            finally:
+                self.lanes.finished = None
+            return self.pending - before
+
+    async def revoke(self, partitions: set[int]) -> None:
+        """Another worker owns these from now on: cancel the requests in flight (an old attempt
+        must not land after the new owner's next one; one that had left is in doubt for it) and
+        forget the lanes."""
+        keys = self.lanes.of_partitions(partitions)
+        tasks = [self.busy[key] for key in keys if key in self.busy]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for key in keys:
+            self.lanes.drop(key)
+
+
 class GroupCommit(Generic[R]):
     """Many concurrent attempts hand their outcome here; one transaction stores all that queued
     up meanwhile, and each `store` returns once its outcome is in Postgres."""

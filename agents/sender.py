@@ -36,7 +36,7 @@ import asyncpg
 import faust
 import orjson
 
-from agents.lanes import GroupCommit, LaneAgent, LaneKey, Lanes, retry_forever
+from agents.lanes import GroupCommit, LaneAgent, LaneEngine, LaneKey, retry_forever
 from agents.webhook_client import WebhookSender
 from channels import outbound
 from domain.ratelimit import TokenBucket
@@ -136,10 +136,11 @@ class Channels:
         return views
 
 
-class Sender:
+class Sender(LaneEngine[db.Send]):
     """Sends the queued messages of this worker's partitions of <prefix>.sends."""
 
     def __init__(self, pool: Pool, channels: Channels, http: WebhookSender, settings: Settings) -> None:
+        super().__init__()
         self.pool = pool
         self.channels = channels
         self.http = http
@@ -147,24 +148,17 @@ class Sender:
         self.partitions = settings.topic_partitions
         self.concurrency = settings.send_concurrency
         self.in_doubt_wait = settings.send_in_doubt_wait.total_seconds()
-        self.lanes: Lanes[db.Send] = Lanes()
         self.inflight: dict[str, int] = {}
-        self.busy: dict[LaneKey, asyncio.Task[None]] = {}
         self.channel_wake: dict[str, float] = {}  # a channel with no token: when it has one
         self.leaving: GroupCommit[db.Leaving] = GroupCommit(self._write_leaving, "sender: attempts leaving")
         self.outcomes: GroupCommit[db.Outcome] = GroupCommit(self._write_outcomes, "sender: outcomes")
         self.park: Callable[[db.Send, str], Awaitable[None]] | None = None  # the dead-letter hook
         self._wake = asyncio.Event()
-        self._reloading = asyncio.Lock()
         self.sent = 0
         self.failed = 0
         self.retried = 0
         self.in_doubt = 0
         self.resends_in_doubt = 0
-
-    @property
-    def pending(self) -> int:
-        return len(self.lanes.known)
 
     def add(self, sends: Iterable[db.Send]) -> None:
         """Take queued (or in-doubt) sends: new from the sends topic, or reloaded."""
@@ -196,32 +190,10 @@ class Sender:
             self.lanes.make_ready(key)
             self._wake.set()
 
-    async def reload(self, partitions: Iterable[int]) -> int:
-        """Add the open sends Postgres has for these partitions; returns how many were new."""
-        wanted = set(partitions)
-        if not wanted:
-            return 0
-        async with self._reloading:
-            before = self.pending
-            self.lanes.finished = set()
-            try:
-                async with (await self.pool()).acquire() as conn:
-                    rows = await db.open_sends(conn, wanted)
-                self.add(rows)
-            finally:
-                self.lanes.finished = None
-            return self.pending - before
-
-    async def revoke(self, partitions: set[int]) -> None:
-        """Another worker owns these from now on: stop (requests in flight are cancelled; one that
-        had left is in doubt for the new owner, which waits for its receipt) and forget them."""
-        keys = self.lanes.of_partitions(partitions)
-        tasks = [self.busy[key] for key in keys if key in self.busy]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for key in keys:
-            self.lanes.drop(key)
+    async def open_work(self, partitions: set[int]) -> list[db.Send]:
+        """The queued and in-doubt sends of these partitions."""
+        async with (await self.pool()).acquire() as conn:
+            return await db.open_sends(conn, partitions)
 
     async def run(self) -> None:
         """Forever: due lanes become ready, each channel starts what its limits allow, wait."""

@@ -35,7 +35,7 @@ import asyncpg
 import faust
 import orjson
 
-from agents.lanes import GroupCommit, LaneAgent, LaneKey, Lanes, retry_forever
+from agents.lanes import GroupCommit, LaneAgent, LaneEngine, LaneKey, retry_forever
 from agents.webhook_client import WebhookSender
 from domain.webhooks import Outcome, Step, after_attempt
 from streams import webhooks_db as db
@@ -87,32 +87,26 @@ class Endpoints:
         return self.by_id
 
 
-class Dispatcher:
+class Dispatcher(LaneEngine[db.Delivery]):
     """Sends the pending deliveries of this worker's partitions, lane by lane (agents/lanes.py:
     a lane is one endpoint's deliveries of one event key; its group is the endpoint)."""
 
     def __init__(self, pool: Pool, endpoints: Endpoints, sender: WebhookSender, settings: Settings) -> None:
+        super().__init__()
         self.pool = pool
         self.endpoints = endpoints
         self.sender = sender
         self.schedule = settings.retry_schedule()
         self.disable_after = settings.webhook_disable_after
         self.concurrency = settings.webhook_concurrency
-        self.lanes: Lanes[db.Delivery] = Lanes()
         self.inflight: dict[str, int] = {}
-        self.sending: dict[LaneKey, asyncio.Task[None]] = {}
         self.failing: dict[str, datetime | None] = {}  # endpoint -> failing since (what Postgres has)
         self.results: GroupCommit[db.Result] = GroupCommit(self._write, "webhooks")
         self._wake = asyncio.Event()
-        self._reloading = asyncio.Lock()
         self.delivered = 0
         self.failed_attempts = 0
         self.parked = 0
         endpoints.on_change = self._endpoints_changed
-
-    @property
-    def pending(self) -> int:
-        return len(self.lanes.known)
 
     def add(self, deliveries: Iterable[db.Delivery]) -> None:
         """Take pending deliveries (new from the fan-out, or reloaded from Postgres)."""
@@ -133,35 +127,13 @@ class Dispatcher:
                 self.lanes.wake_group(ep.id)
         self._wake.set()
 
-    async def reload(self, partitions: Iterable[int]) -> int:
-        """Add the pending deliveries Postgres has for these partitions (after an assignment, a
-        manual retry, a replay); returns how many were new here."""
-        wanted = set(partitions)
-        if not wanted:
-            return 0
-        async with self._reloading:
-            before = self.pending
-            self.lanes.finished = set()
-            try:
-                pool = await self.pool()
-                async with pool.acquire() as conn:
-                    rows = await db.pending(conn, wanted)
-                await self.endpoints.current()
-                self.add(rows)
-            finally:
-                self.lanes.finished = None
-            return self.pending - before
-
-    async def revoke(self, partitions: set[int]) -> None:
-        """Stop sending what another worker owns from now on: cancel its requests in flight (so
-        an old attempt cannot land after the new owner's next one) and forget its lanes."""
-        keys = self.lanes.of_partitions(partitions)
-        tasks = [self.sending[key] for key in keys if key in self.sending]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for key in keys:
-            self.lanes.drop(key)
+    async def open_work(self, partitions: set[int]) -> list[db.Delivery]:
+        """The pending deliveries of these partitions (after an assignment, a manual retry, a
+        replay), with the endpoints fresh."""
+        async with (await self.pool()).acquire() as conn:
+            rows = await db.pending(conn, partitions)
+        await self.endpoints.current()
+        return rows
 
     async def run(self) -> None:
         """Forever: move due retries to ready, start what each endpoint has room for, wait."""
@@ -196,7 +168,7 @@ class Dispatcher:
                     self.lanes.sleep(key)  # until the endpoint is enabled again (or deleted)
                     continue
                 self.inflight[endpoint_id] = self.inflight.get(endpoint_id, 0) + 1
-                self.sending[key] = asyncio.ensure_future(self._attempt(key, delivery, ep))
+                self.busy[key] = asyncio.ensure_future(self._attempt(key, delivery, ep))
                 if self.inflight[endpoint_id] >= self.concurrency:
                     break
 
@@ -236,7 +208,7 @@ class Dispatcher:
                 log.info("webhooks: %s to %s attempt %d failed: %s", d.event_id, ep.id, attempt, sent.error)
             self._advance(key, replace(d, attempts=attempt, next_attempt_at=step.at), step)
         finally:
-            self.sending.pop(key, None)
+            self.busy.pop(key, None)
             if requesting:
                 self.inflight[ep.id] -= 1
             self._wake.set()

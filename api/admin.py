@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, Field, TypeAdapter
 
-from api.context import CONTEXT, error, validated_body
+from api.context import CONTEXT, Context, error, validated_body
 from api.ingress import KafkaUnavailable
 from channels import normalize
 from domain.lifecycle import CloseReason
@@ -166,16 +166,22 @@ async def _command(
     if conv is None:
         return error(404, "no such conversation")
     record = build(conv, command_event_id(route, conv["id"], idempotency_key))
+    refused = await produce(ctx, record, "the command")
+    return refused or web.json_response({"accepted": record.event_id}, status=202)
+
+
+async def produce(ctx: Context, record: Any, what: str) -> web.Response | None:
+    """Put a command on its conversation's partition (acks=all); the 4xx/503 when it cannot go."""
     key, value = keyed(record)
     try:
-        normalize.check_record(key, value, "the command")
+        normalize.check_record(key, value, what)
     except normalize.IngressError as exc:
         return error(exc.status, str(exc))
     try:
         await ctx.ingress.send(ctx.topics.conversation_events, key, value)
     except KafkaUnavailable:
         return error(503, "event log unavailable, retry later")
-    return web.json_response({"accepted": record.event_id}, status=202)
+    return None
 
 
 @routes.post("/v1/conversations/{id}/close")

@@ -21,12 +21,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from api.admin import OUTBOUND_IN, _command, _conversation_id, _idempotency_key
+from api.admin import OUTBOUND_IN, _command, _conversation_id, _idempotency_key, produce
 from api.context import CONTEXT, Context, error, json_body
-from api.ingress import KafkaUnavailable
-from channels import normalize, outbound
+from channels import outbound
 from streams import sends_db
-from streams.records import OutboundMessage, SendRequested, keyed
+from streams.records import OutboundMessage, SendRequested
 
 routes = web.RouteTableDef()
 SENDING = ("whatsapp", "twilio")
@@ -102,16 +101,8 @@ async def _send(
         body_hash=digest,
         requested_at=datetime.now(UTC),
     )
-    key, value = keyed(record)
-    try:
-        normalize.check_record(key, value, "the message")
-    except normalize.IngressError as exc:
-        return error(exc.status, str(exc))
-    try:
-        await ctx.ingress.send(ctx.topics.conversation_events, key, value)
-    except KafkaUnavailable:
-        return error(503, "event log unavailable, retry later")
-    return web.json_response({"id": message_id, "status": "queued"}, status=202)
+    refused = await produce(ctx, record, "the message")
+    return refused or web.json_response({"id": message_id, "status": "queued"}, status=202)
 
 
 @routes.post("/v1/conversations/{id}/messages")
