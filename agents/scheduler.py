@@ -456,16 +456,18 @@ class Scheduler:
         for key, due_at in due:
             owner, name = split_wheel_key(key)
             entry = unpack(self.table.get(owner)).get(name)
-            if entry is None or entry[1] != due_at:
-                continue  # disarmed, or re-armed for another time the wheel holds too
-            record = firing(owner.decode(), name, entry[0], due_at, fired_at, "timer")
+            if entry is None or entry[1] > due_at:
+                continue  # disarmed, or re-armed for a later time (the wheel holds that one)
+            # The action's own due, not the wheel's: a firing retried after a failed produce
+            # (the wheel then holds now + 1 s) is the same event, with the same id.
+            record = firing(owner.decode(), name, entry[0], entry[1], fired_at, "timer")
             try:
                 futures.append(await self.source.send(key=owner, value=record.model_dump_json().encode()))
             except Exception as exc:  # noqa: BLE001 - the producer refused: re-arm, try again soon
                 log.warning("scheduler: producing a firing failed (%s); re-arming", exc)
                 self.wheel.schedule(key, _now_ms() + 1000)
                 continue
-            self._observe(now - due_at)
+            self._observe(now - entry[1])
         return futures
 
     def _observe(self, lateness: float) -> None:

@@ -98,3 +98,32 @@ def test_a_full_reconcile_makes_memory_equal_postgres_except_what_the_agent_chan
     assert _held(scheduler, "e/3") == {CLOSE: ("c:1", due_ms(_in(3)))}  # the agent's, kept
     assert _held(scheduler, "e/4") == {CLOSE: ("c:1", due_ms(_in(5)))}
     assert len(scheduler.wheel) == 3
+
+
+class _RefusingOnce:
+    """A topic whose first send raises, as a producer in trouble does; it records the rest."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.refused = 0
+
+    async def send(self, *, key: bytes, value: bytes) -> object:
+        if not self.refused:
+            self.refused += 1
+            raise RuntimeError("broker unavailable")
+        self.sent.append(value)
+        return None
+
+
+async def test_a_firing_whose_produce_failed_fires_again_with_the_same_id(scheduler: Scheduler) -> None:
+    scheduler.apply([Arm("r/1", CLOSE, _in(1), "c:1:1")])
+    refusing = _RefusingOnce()
+    scheduler.source = refusing  # type: ignore[assignment]
+    key = wheel_key(b"r/1", CLOSE)
+    due = due_ms(_in(1))
+    assert await scheduler._fire([(key, due)], due + 5) == []  # refused: re-armed a second later
+    retry_at = scheduler.wheel.due_of(key)
+    assert retry_at is not None and retry_at > due
+    await scheduler._fire([(key, retry_at)], retry_at)
+    [value] = refusing.sent  # before the fix the wheel's later due made it skip this for good
+    assert b'"event_id":"timer:c:1:1:' + str(due).encode() + b'"' in value  # the original's id
