@@ -99,6 +99,7 @@ class Dispatcher(LaneEngine[db.Delivery]):
         self.schedule = settings.retry_schedule()
         self.disable_after = settings.webhook_disable_after
         self.concurrency = settings.webhook_concurrency
+        self.partitions = settings.topic_partitions
         self.inflight: dict[str, int] = {}
         self.failing: dict[str, datetime | None] = {}  # endpoint -> failing since (what Postgres has)
         self.results: GroupCommit[db.Result] = GroupCommit(self._write, "webhooks")
@@ -248,7 +249,7 @@ class Dispatcher(LaneEngine[db.Delivery]):
 
             async def disable() -> bool:
                 async with (await self.pool()).acquire() as conn:
-                    return await db.disable_endpoint(conn, ep.id, reason, datetime.now(UTC))
+                    return await db.disable_endpoint(conn, ep.id, reason, datetime.now(UTC), self.partitions)
 
             if await retry_forever(disable, f"webhooks: disabling endpoint {ep.id}"):
                 log.error("webhooks: endpoint %s (%s) disabled: %s", ep.id, ep.url, reason)

@@ -10,7 +10,8 @@ partition, so the worker that sends it picks it up at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from streams.outgoing import Outgoing as OutboxRow
+from streams.outgoing import write_outbox
 from streams.topics import partition_of, thread_key
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -158,16 +161,13 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text
             $8::timestamptz[]) AS f(conv, ch, contact, pid, type, text, payload, at)
 ON CONFLICT DO NOTHING
 """
-_EVENTS = """
-INSERT INTO outbox (event_id, type, key, payload, created_at, partition)
-SELECT f.event_id, f.type, f.key, f.payload::jsonb, f.created_at, f.partition
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::int[])
-    AS f(event_id, type, key, payload, created_at, partition)
-ON CONFLICT (event_id) DO NOTHING
-"""
 
 
-def _event(o: Outcome, partitions: int) -> tuple[str, str, str, str, datetime, int]:
+def _partition(partitions: int) -> Callable[[str], int]:
+    return lambda key: partition_of(key.encode(), partitions)
+
+
+def _event(o: Outcome) -> OutboxRow:
     s = o.send
     kind = "message.sent" if o.status == "sent" else "message.failed"
     data = {
@@ -182,9 +182,8 @@ def _event(o: Outcome, partitions: int) -> tuple[str, str, str, str, datetime, i
         "error_title": o.error_title,
         "at": o.at.isoformat(),
     }
-    key = thread_key(s.channel_id, s.contact_id)
-    event_id = f"send:{s.id}:{kind}:{s.attempts}"
-    return event_id, kind, key.decode(), orjson.dumps(data).decode(), o.at, partition_of(key, partitions)
+    key = thread_key(s.channel_id, s.contact_id).decode()
+    return OutboxRow(f"send:{s.id}:{kind}:{s.attempts}", kind, key, orjson.dumps(data).decode(), o.at)
 
 
 async def mark_leaving(conn: Conn, leaving: Sequence[Leaving]) -> None:
@@ -225,9 +224,8 @@ async def _messages_and_events(conn: Conn, outcomes: Sequence[Outcome], partitio
             [orjson.dumps(o.send.content).decode() for o in sent],
             [o.at for o in sent],
         )
-    final = [_event(o, partitions) for o in outcomes if o.status in ("sent", "failed")]
-    if final:
-        await conn.execute(_EVENTS, *map(list, zip(*final, strict=True)))
+    final = [_event(o) for o in outcomes if o.status in ("sent", "failed")]
+    await write_outbox(conn, final, _partition(partitions))
 
 
 def _text_of(content: dict[str, Any]) -> str | None:
@@ -302,15 +300,8 @@ async def pause_channel(conn: Conn, channel_id: str, reason: str, now: datetime,
             return False
         key = f"channel:{channel_id}"
         data = orjson.dumps({"channel_id": channel_id, "reason": reason}).decode()
-        await conn.execute(
-            "INSERT INTO outbox (event_id, type, key, payload, created_at, partition)"
-            " VALUES ($1, 'channel.paused', $2, $3::text::jsonb, $4, $5) ON CONFLICT (event_id) DO NOTHING",
-            f"{key}:paused:{int(now.timestamp() * 1000)}",
-            key,
-            data,
-            now,
-            partition_of(key.encode(), partitions),
-        )
+        row = OutboxRow(f"{key}:paused:{int(now.timestamp() * 1000)}", "channel.paused", key, data, now)
+        await write_outbox(conn, [row], _partition(partitions))
     return True
 
 
@@ -406,6 +397,4 @@ async def queue_sends(conn: Conn, sends: Sequence[tuple[Any, str]], partitions: 
 
 def body_hash(content: dict[str, Any]) -> str:
     """The hash an Idempotency-Key's first body is remembered by."""
-    import hashlib
-
     return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()

@@ -22,6 +22,9 @@ import orjson
 from channels.signatures import standard_webhook_key
 from domain.webhooks import ENDPOINT_DISABLED, subscribed
 from streams.channel_secrets import Sealer, SecretsKeyError
+from streams.outgoing import Outgoing as OutboxRow
+from streams.outgoing import write_outbox
+from streams.topics import partition_of
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +403,7 @@ async def endpoint_failing(conn: Conn, endpoint_id: str, since: datetime | None)
     )
 
 
-async def disable_endpoint(conn: Conn, endpoint_id: str, reason: str, now: datetime) -> bool:
+async def disable_endpoint(conn: Conn, endpoint_id: str, reason: str, now: datetime, partitions: int) -> bool:
     """Disable an endpoint and emit `webhook_endpoint.disabled` (once: False if it was already)."""
     async with conn.transaction():
         done = await conn.execute(
@@ -412,17 +415,11 @@ async def disable_endpoint(conn: Conn, endpoint_id: str, reason: str, now: datet
         )
         if not done.endswith(" 1"):
             return False
-        data = orjson.dumps({"endpoint_id": endpoint_id, "reason": reason}).decode()  # text, cast below
-        await conn.execute(
-            "INSERT INTO outbox (event_id, type, key, payload, created_at)"
-            " VALUES ($1, $2, $3, $4::text::jsonb, $5)"
-            " ON CONFLICT (event_id) DO NOTHING",
-            f"{endpoint_id}:disabled:{int(now.timestamp() * 1000)}",
-            ENDPOINT_DISABLED,
-            f"webhook-endpoint:{endpoint_id}",
-            data,
-            now,
-        )
+        key = f"webhook-endpoint:{endpoint_id}"
+        data = orjson.dumps({"endpoint_id": endpoint_id, "reason": reason}).decode()
+        event_id = f"{endpoint_id}:disabled:{int(now.timestamp() * 1000)}"
+        row = OutboxRow(event_id, ENDPOINT_DISABLED, key, data, now)
+        await write_outbox(conn, [row], lambda k: partition_of(k.encode(), partitions))
         await notify_endpoints(conn, endpoint_id)
     return True
 
