@@ -137,9 +137,6 @@ class Lanes(Generic[T]):
             lane.state = "busy"
             yield key, lane.queue[0][2]
 
-    def has_ready(self, group: str) -> bool:
-        return bool(self.ready.get(group))
-
     def groups(self) -> list[str]:
         return [group for group, queue in self.ready.items() if queue]
 

@@ -174,9 +174,6 @@ class Sender(LaneEngine[db.Send]):
             )
         self._wake.set()
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def settled(self, key: LaneKey) -> None:
         """A status webhook settled this lane's head (in doubt): check it now, not at the timeout."""
         lane = self.lanes.lanes.get(key)
@@ -277,7 +274,7 @@ class Sender(LaneEngine[db.Send]):
         await self.leaving.store(db.Leaving(s.id, attempt, left_at))
         s = replace(s, attempts=attempt, sending_at=left_at, status="sending")
         try:
-            request = build_request(view, s, self.settings)
+            request = build_request(view, s)
         except ValueError as exc:  # no token / sender configured, or content the provider cannot take
             result = outbound.SendOutcome("failed", code="parley", title=str(exc))
         else:
@@ -390,7 +387,7 @@ class Sender(LaneEngine[db.Send]):
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
-def build_request(view: ChannelView, s: db.Send, settings: Settings) -> outbound.ProviderRequest:
+def build_request(view: ChannelView, s: db.Send) -> outbound.ProviderRequest:
     """The provider request of one send; ValueError when the channel cannot send it."""
     content = outbound.OUTBOUND_CONTENT.validate_python(s.content)
     c = view.config

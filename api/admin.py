@@ -69,7 +69,8 @@ def _idempotency_key(request: web.Request) -> str | web.Response | None:
     return key
 
 
-def _conversation_id(request: web.Request) -> str | None:
+def path_uuid(request: web.Request) -> str | None:
+    """The route's `{id}` as a canonical uuid, or None when it is not one (answered 404)."""
     try:
         return str(uuid.UUID(request.match_info["id"]))
     except ValueError:
@@ -100,7 +101,7 @@ async def list_conversations(request: web.Request) -> web.Response:
 @routes.get("/v1/conversations/{id}")
 async def get_conversation(request: web.Request) -> web.Response:
     """One conversation."""
-    conv_id = _conversation_id(request)
+    conv_id = path_uuid(request)
     found = await request.app[CONTEXT].store.conversation(conv_id) if conv_id else None
     return web.json_response(found) if found else error(404, "no such conversation")
 
@@ -108,7 +109,7 @@ async def get_conversation(request: web.Request) -> web.Response:
 @routes.get("/v1/conversations/{id}/messages")
 async def get_messages(request: web.Request) -> web.Response:
     """A conversation's messages in order."""
-    conv_id = _conversation_id(request)
+    conv_id = path_uuid(request)
     store = request.app[CONTEXT].store
     if not conv_id or not await store.conversation(conv_id):
         return error(404, "no such conversation")
@@ -118,7 +119,7 @@ async def get_messages(request: web.Request) -> web.Response:
 @routes.get("/v1/conversations/{id}/events")
 async def get_events(request: web.Request) -> web.Response:
     """A conversation's audit log: every transition and every losing attempt."""
-    conv_id = _conversation_id(request)
+    conv_id = path_uuid(request)
     store = request.app[CONTEXT].store
     if not conv_id or not await store.conversation(conv_id):
         return error(404, "no such conversation")
@@ -161,7 +162,7 @@ async def _command(
     idempotency_key = _idempotency_key(request)
     if isinstance(idempotency_key, web.Response):
         return idempotency_key
-    conv_id = _conversation_id(request)
+    conv_id = path_uuid(request)
     conv = await ctx.store.conversation(conv_id) if conv_id else None
     if conv is None:
         return error(404, "no such conversation")

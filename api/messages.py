@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from api.admin import OUTBOUND_IN, _command, _conversation_id, _idempotency_key, produce
+from api.admin import OUTBOUND_IN, _command, _idempotency_key, path_uuid, produce
 from api.context import CONTEXT, Context, error, json_body
 from channels import outbound
 from streams import sends_db
@@ -120,7 +120,7 @@ async def send_to_conversation(request: web.Request) -> web.Response:
     key = _idempotency_key(request)
     if isinstance(key, web.Response):
         return key
-    conv_id = _conversation_id(request)
+    conv_id = path_uuid(request)
     conv = await ctx.store.conversation(conv_id) if conv_id else None
     if conv is None:
         return error(404, "no such conversation")
@@ -194,17 +194,10 @@ async def _record(request: web.Request, body: Any) -> web.Response:
     )
 
 
-def _message_id(request: web.Request) -> str | None:
-    try:
-        return str(uuid.UUID(request.match_info["id"]))
-    except ValueError:
-        return None
-
-
 @routes.get("/v1/messages/{id}")
 async def get_message(request: web.Request) -> web.Response:
     """A sent (or queued, or failed) message: status, attempts, provider id, error."""
-    message_id = _message_id(request)
+    message_id = path_uuid(request)
     if message_id is None:
         return error(404, "no such message")
     async with request.app[CONTEXT].store.pool.acquire() as conn:
@@ -215,7 +208,7 @@ async def get_message(request: web.Request) -> web.Response:
 @routes.post("/v1/messages/{id}/retry")
 async def retry_message(request: web.Request) -> web.Response:
     """Send a failed message again now, with a fresh retry budget (202); 409 unless failed."""
-    message_id = _message_id(request)
+    message_id = path_uuid(request)
     if message_id is None:
         return error(404, "no such message")
     async with request.app[CONTEXT].store.pool.acquire() as conn:
