@@ -41,7 +41,7 @@ from agents.webhook_client import WebhookSender
 from channels import outbound
 from domain.ratelimit import TokenBucket
 from streams import sends_db as db
-from streams.channel_secrets import Sealer, SecretsKeyError
+from streams.channel_secrets import Sealer
 from streams.settings import Settings
 from streams.store import Store
 
@@ -108,16 +108,12 @@ class Channels:
         now = datetime.now(UTC)
         async with pool.acquire() as conn:
             paused = await db.paused_channels(conn)
-            ids = [r["id"] for r in await conn.fetch("SELECT id FROM channels")]
+        channels, unopened = await store.channel_records()
+        for channel_id, exc in unopened.items():  # a wrong PARLEY_SECRETS_KEY here: never send unsigned
+            log.error("sender: channel %s cannot be used: %s", channel_id, exc)
         views: dict[str, ChannelView] = {}
-        for channel_id in ids:
-            try:
-                channel = await store.channel_record(channel_id)
-            except SecretsKeyError as exc:  # a wrong PARLEY_SECRETS_KEY here: never send unsigned
-                log.error("sender: channel %s cannot be used: %s", channel_id, exc)
-                continue
-            if channel is None:
-                continue
+        for channel in channels:
+            channel_id = channel.id
             config = channel.config(now)
             rate = float(config.get("throughput", 80.0)) * self.margin
             old = self.views.get(channel_id)

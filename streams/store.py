@@ -128,6 +128,18 @@ class Store:
         rows = await self.pool.fetch(f"SELECT {_CHANNEL} FROM channels WHERE provider = $1", provider)
         return [self._channel(r) for r in rows]
 
+    async def channel_records(self) -> tuple[list[Channel], dict[str, SecretsKeyError]]:
+        """Every channel with its secrets, in one query; and those whose secrets do not open with
+        PARLEY_SECRETS_KEY (id -> why), so one such channel does not hide the others."""
+        found: list[Channel] = []
+        unopened: dict[str, SecretsKeyError] = {}
+        for row in await self.pool.fetch(f"SELECT {_CHANNEL} FROM channels"):
+            try:
+                found.append(self._channel(row))
+            except SecretsKeyError as exc:
+                unopened[row["id"]] = exc
+        return found, unopened
+
     async def channel(self, channel_id: str) -> tuple[str, dict[str, Any]] | None:
         """(provider, config) of a channel, or None."""
         found = await self.channel_record(channel_id)
