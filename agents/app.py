@@ -123,6 +123,7 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     sending.sender.park = lifecycle.park_send
     sending.register()
     sender = sending.sender
+    lifecycle.sends_queued = sender.take_local
 
     async def stop_relay(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         await outbox.stop()
@@ -163,6 +164,7 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_sends_in_doubt_total": sender.in_doubt,
                 "parley_sends_resent_after_doubt_total": sender.resends_in_doubt,
                 "parley_sends_pending": sender.pending,
+                "parley_sends_taken_in_process_total": sender.taken_local,
             }
 
         def health() -> str | None:

@@ -183,6 +183,9 @@ class LaneEngine(Generic[T]):
     def __init__(self) -> None:
         self.lanes: Lanes[T] = Lanes()
         self.busy: dict[LaneKey, asyncio.Task[None]] = {}  # lanes whose head is out now
+        # The partitions assigned to this worker, from the assignment until the revocation
+        # starts (work handed over in-process is taken only for these; see Sender.take_local).
+        self.held: set[int] = set()
         self._reloading = asyncio.Lock()
 
     @property
@@ -214,6 +217,7 @@ class LaneEngine(Generic[T]):
         """Another worker owns these from now on: cancel the requests in flight (an old attempt
         must not land after the new owner's next one; one that had left is in doubt for it) and
         forget the lanes."""
+        self.held -= partitions
         keys = self.lanes.of_partitions(partitions)
         tasks = [self.busy[key] for key in keys if key in self.busy]
         for task in tasks:
@@ -257,6 +261,8 @@ class GroupCommit(Generic[R]):
 
 class Engine(Protocol):
     """What a LaneAgent drives: the lanes of the partitions this worker holds."""
+
+    held: set[int]
 
     async def reload(self, partitions: Iterable[int]) -> int: ...
 
@@ -335,6 +341,7 @@ class LaneAgent:
     async def _on_assigned(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         mine = self._mine(args, kwargs, "assigned")
         if mine:
+            self.engine.held |= mine
             what = f"{self.name}: reloading {sorted(mine)}"
             n = await retry_forever(lambda: self.engine.reload(mine), what)
             log.info("%s: partitions %s assigned, %d open items loaded", self.name, sorted(mine), n)

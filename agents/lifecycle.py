@@ -95,6 +95,8 @@ class LifecycleAgent:
         self.stats = BatchStats()
         # the relay's wake-up (agents/app.py), with the partitions written beyond this worker's own
         self.outbox_written: Callable[[set[int]], None] = lambda _: None
+        # the sender in this process (agents/app.py): sends queued, handed over once committed
+        self.sends_queued: Callable[[list[Any]], None] = lambda _: None
 
     def register(self) -> None:
         """Attach the agent to the app."""
@@ -169,8 +171,10 @@ class LifecycleAgent:
         retries = self.settings.worker_retries if len(items) == 1 else 0
         result = await self._apply([record for _, record in items], retries)
         self.scheduler.apply(result.actions)
-        if result.outbox or result.handed:
-            self.outbox_written(result.handed)
+        if result.outbox or result.queued:
+            self.outbox_written({s.partition for s in result.queued})
+        if result.queued:
+            self.sends_queued(result.queued)
 
     async def _park(self, item: tuple[Any, ConversationEvent], exc: BaseException) -> None:
         await self.dead_letter(item[0], f"{type(exc).__name__}: {exc}", self.settings.worker_retries + 1)

@@ -7,9 +7,10 @@ for the lanes): a lane is one conversation thread (channel, contact), its group 
 
 - Order: a lane sends its head only; the next goes once the head was accepted by the provider or
   failed for good.
-- Limits: per number, a paced token bucket (burst 1, PARLEY_SEND_RATE_MARGIN below the number's
-  throughput, so no 1 s window sees more than the limit); per recipient, Meta's pair rate (a bucket
-  of ~45 refilled at 1 per 6 s). A recipient at its limit waits alone, on the timer wheel.
+- Limits: per number, a paced token bucket (PARLEY_SEND_RATE_MARGIN of the number's throughput,
+  burst 2 where it fits: domain/ratelimit.number_bucket; no 1 s window sees more than the
+  limit); per recipient, Meta's pair rate (a bucket of ~45 refilled at 1 per 6 s). A recipient
+  at its limit waits alone, on the timer wheel.
 - Failures (channels/outbound.py classifies them): throughput/5xx/no connection: retried with
   capped exponential backoff and jitter, Retry-After honoured; pair rate: this recipient waits;
   invalid recipient, outside the window, bad template...: failed at once with the provider's
@@ -39,7 +40,7 @@ import orjson
 from agents.lanes import GroupCommit, LaneAgent, LaneEngine, LaneKey, retry_forever
 from agents.webhook_client import WebhookSender
 from channels import outbound
-from domain.ratelimit import TokenBucket
+from domain.ratelimit import TokenBucket, number_bucket
 from streams import sends_db as db
 from streams.channel_secrets import Sealer
 from streams.settings import Settings
@@ -115,9 +116,10 @@ class Channels:
         for channel in channels:
             channel_id = channel.id
             config = channel.config(now)
-            rate = float(config.get("throughput", 80.0)) * self.margin
+            fresh = number_bucket(float(config.get("throughput", 80.0)), self.margin)
             old = self.views.get(channel_id)
-            bucket = old.bucket if old and old.bucket.rate == rate else TokenBucket(rate, 1)
+            same = old is not None and (old.bucket.rate, old.bucket.burst) == (fresh.rate, fresh.burst)
+            bucket = old.bucket if old is not None and same else fresh
             views[channel_id] = ChannelView(
                 channel_id,
                 channel.provider,
@@ -155,6 +157,7 @@ class Sender(LaneEngine[db.Send]):
         self.retried = 0
         self.in_doubt = 0
         self.resends_in_doubt = 0
+        self.taken_local = 0
 
     def add(self, sends: Iterable[db.Send]) -> None:
         """Take queued (or in-doubt) sends: new from the sends topic, or reloaded."""
@@ -169,6 +172,15 @@ class Sender(LaneEngine[db.Send]):
                 (s.channel_id, s.contact_id), s.partition, s.seq, s.id, s, None if due is None else _ms(due)
             )
         self._wake.set()
+
+    def take_local(self, sends: Iterable[db.Send]) -> None:
+        """Sends the lifecycle agent of this process just queued (committed): those of partitions
+        this worker holds start now, without waiting for their record to come back through the
+        outbox relay and <prefix>.sends (that record still comes; its send is then known here,
+        or finished, and changes nothing). Another worker's are left to it."""
+        mine = [s for s in sends if s.partition in self.held]
+        self.taken_local += len(mine)
+        self.add(mine)
 
     def settled(self, key: LaneKey) -> None:
         """A status webhook settled this lane's head (in doubt): check it now, not at the timeout."""
@@ -465,6 +477,7 @@ class SendAgent(LaneAgent):
                 ids.append(str(orjson.loads(bytes(event.message.value))["data"]["id"]))
             except Exception as exc:  # noqa: BLE001 - unreadable: the reload from Postgres has it
                 log.error("sender: unreadable record at offset %d: %s", event.message.offset, exc)
+        ids = [i for i in ids if i not in self.sender.lanes.known]  # handed over in-process already
         if not ids:
             return
 

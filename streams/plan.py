@@ -121,7 +121,7 @@ class Plan:
     outbound: list[OutboundMessage] = field(default_factory=list)
     receipts: list[StatusReceipt] = field(default_factory=list)
     sends: list[tuple[SendRequested, str]] = field(default_factory=list)  # (request, conversation id)
-    handed: set[int] = field(default_factory=set)  # the outbox partitions those went to (written)
+    queued: list[Any] = field(default_factory=list)  # those queued (streams.sends_db.Send; written)
     actions: list[Action] = field(default_factory=list)  # in order; the last per (owner, name) counts
     emits: list[Emit] = field(default_factory=list)
     # the outgoing events of the conversation changes, in log order (streams/outgoing.py)

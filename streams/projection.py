@@ -23,7 +23,7 @@ from streams.plan import Current, Plan, Planner, Thread
 from streams.receipts import apply_receipts
 from streams.records import SCHEDULE_RECORDS, ConversationEvent
 from streams.schedules_db import read_schedules, write_schedules
-from streams.sends_db import queue_sends, settle_from_receipts
+from streams.sends_db import Send, queue_sends, settle_from_receipts
 from streams.topics import partition_of
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -42,7 +42,7 @@ class BatchResult:
     actions: list[Action] = field(default_factory=list)
     emits: list[Emit] = field(default_factory=list)
     outbox: int = 0  # outgoing events written (the relay can be woken when > 0)
-    handed: set[int] = field(default_factory=set)  # partitions of sends handed to the sender
+    queued: list[Send] = field(default_factory=list)  # sends queued for the sender (outbox: <prefix>.sends)
 
 
 def _conversation(row: asyncpg.Record) -> Conversation:
@@ -254,7 +254,7 @@ async def _write(conn: Conn, plan: Plan, partitions: int, events: Sequence[Conve
         if statuses:  # into log order among the conversation events (a stable sort)
             outbox = sorted([*outbox, *statuses], key=lambda row: row.position)
     if plan.sends:
-        plan.handed = await queue_sends(conn, plan.sends, partitions)
+        plan.queued = await queue_sends(conn, plan.sends, partitions)
     if plan.schedules and not await write_schedules(conn, plan.schedules):
         raise StaleVersion("a schedule changed under us")
     if plan.actions:
@@ -286,5 +286,5 @@ async def apply_batch(
         plan = planner.finish()
         result.outbox = await _write(conn, plan, partitions, todo)
     result.applied, result.actions, result.emits = plan.applied, plan.actions, plan.emits
-    result.handed = plan.handed
+    result.queued = plan.queued
     return result

@@ -21,6 +21,7 @@ from channels import whatsapp
 from sandbox.simulator import Failure, Simulator, WebhookSettings, WhatsAppNumber
 from tests.integration.harness import Deployment, wait_until
 from tests.integration.schedule_helpers import call
+from tests.integration.worker_helpers import metrics
 
 DEPLOYMENT_ENV = {
     "PARLEY_OUTBOUND_ALLOW_HTTP": "true",
@@ -151,9 +152,13 @@ async def test_a_text_is_sent_and_its_receipts_arrive(
     n = await register(http, deployment, sim)
     contact = "5511" + str(random.randint(10**7, 10**8 - 1))
     conv = await user_says(http, deployment, n, contact, "oi, preciso de ajuda")
+    handed_before = (await metrics(http, deployment))["parley_sends_taken_in_process_total"]
     code, queued = await send(http, deployment, conv, "Olá! Como posso ajudar?")
     assert code == 202 and queued["status"] == "queued", queued
     sent = await status_of(http, deployment, queued["id"], "sent")
+    # One worker holds every partition: its lifecycle agent handed the send to its sender
+    # directly, without the round trip through the outbox relay and <prefix>.sends.
+    assert (await metrics(http, deployment))["parley_sends_taken_in_process_total"] == handed_before + 1
     [got] = accepted_for(sim, n)
     assert got.recipient == contact and got.parley_message_id == queued["id"]
     assert sent["provider_message_id"] == got.provider_message_id and sent["attempts"] == 1

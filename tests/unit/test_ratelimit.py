@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from domain.ratelimit import TokenBucket
+import random
+
+from domain.ratelimit import TokenBucket, number_bucket
 
 
-def _run(bucket: TokenBucket, seconds: float, start: float = 100.0) -> list[float]:
-    """Take a token whenever one is there, as a greedy sender would; the send times."""
+def _run(
+    bucket: TokenBucket, seconds: float, start: float = 100.0, late: float = 0.0, seed: int = 1
+) -> list[float]:
+    """Take a token whenever one is there, as a greedy sender would; the send times. With `late`,
+    each wake-up comes up to that many seconds after the token was due (a busy event loop)."""
+    rng = random.Random(seed)
     now, sent = start, []
     while now < start + seconds:
         wait = bucket.wait(now)
         if wait > 0:
-            now += wait
+            now += wait + rng.uniform(0, late)
             continue
         bucket.take(now)
         sent.append(now)
@@ -47,3 +53,28 @@ def test_wait_reports_the_time_to_the_next_token() -> None:
     bucket.take(0)
     assert bucket.wait(0) == 0.5
     assert bucket.wait(0.25) == 0.25
+
+
+def test_a_number_keeps_its_pace_when_the_sender_wakes_late() -> None:
+    # Woken up to 10 ms late each time, a bucket of burst 1 loses the lateness; the number's
+    # bucket (burst 2) absorbs it, and still never exceeds the limit in any 1 s window.
+    plain = _run(TokenBucket(rate=80 * 0.96, burst=1), 30, late=0.010)
+    number = _run(number_bucket(80, 0.96), 30, late=0.010)
+    assert len(plain) / 30 < 0.93 * 80
+    assert len(number) / 30 >= 0.955 * 80
+    assert _max_in_window(number) <= 79
+    assert _max_in_window(_run(number_bucket(80, 0.96), 30)) <= 79  # never late: bursts of 2
+
+
+def test_a_slow_number_is_paced_one_at_a_time() -> None:
+    bucket = number_bucket(1, 0.96)
+    assert bucket.burst == 1
+    assert _max_in_window(_run(bucket, 60)) <= 1
+
+
+def test_a_bucket_taken_below_zero_waits_longer_and_is_not_refilled() -> None:
+    bucket = TokenBucket(rate=2, burst=1)
+    bucket.take(0)
+    bucket.take(0)  # a caller that did not wait: it owes a token
+    assert bucket.wait(0) == 1.0
+    assert bucket.wait(0.5) == 0.5
