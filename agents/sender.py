@@ -40,7 +40,7 @@ import orjson
 from agents.lanes import GroupCommit, LaneAgent, LaneEngine, LaneKey, retry_forever
 from agents.webhook_client import WebhookSender
 from channels import outbound
-from domain.ratelimit import TokenBucket, number_bucket
+from domain.ratelimit import SendWindow, TokenBucket, number_bucket, number_window
 from streams import sends_db as db
 from streams.channel_secrets import Sealer
 from streams.settings import Settings
@@ -63,6 +63,7 @@ class ChannelView:
     config: dict[str, Any]
     paused: str | None  # why, when the provider refused its token
     bucket: TokenBucket
+    window: SendWindow  # the number's requests as they leave (domain/ratelimit.py)
     recipient_rate: float
     recipient_burst: float
     recipients: dict[str, TokenBucket] = field(default_factory=dict)
@@ -116,16 +117,21 @@ class Channels:
         for channel in channels:
             channel_id = channel.id
             config = channel.config(now)
-            fresh = number_bucket(float(config.get("throughput", 80.0)), self.margin)
+            throughput = float(config.get("throughput", 80.0))
+            fresh = number_bucket(throughput, self.margin)
             old = self.views.get(channel_id)
             same = old is not None and (old.bucket.rate, old.bucket.burst) == (fresh.rate, fresh.burst)
             bucket = old.bucket if old is not None and same else fresh
+            window = number_window(throughput)
+            if old is not None and old.window.limit == window.limit:
+                window = old.window
             views[channel_id] = ChannelView(
                 channel_id,
                 channel.provider,
                 config,
                 paused.get(channel_id),
                 bucket,
+                window,
                 float(config.get("recipient_rate", 1e9)),
                 float(config.get("recipient_burst", 1e9)),
                 old.recipients if old else {},
@@ -286,6 +292,11 @@ class Sender(LaneEngine[db.Send]):
         except ValueError as exc:  # no token / sender configured, or content the provider cannot take
             result = outbound.SendOutcome("failed", code="parley", title=str(exc))
         else:
+            # The number's limit, counted as requests leave: a time to wait for, not an event
+            # (checked again on waking, as another send of the number may have left meanwhile).
+            while (wait := view.window.wait(time.monotonic())) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(wait)
+            view.window.take(time.monotonic())
             answer = await self.http.post(request.url, request.body, request.headers)
             self._release(view.id, slot)
             classify = outbound.classify_whatsapp if view.provider == "whatsapp" else outbound.classify_twilio

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from domain.ratelimit import TokenBucket, number_bucket
+from domain.ratelimit import SendWindow, TokenBucket, number_bucket, number_window
 
 
 def _run(
@@ -27,7 +27,7 @@ def _run(
 def _max_in_window(times: list[float], window: float = 1.0) -> int:
     best, j = 0, 0
     for i, t in enumerate(times):
-        while times[j] <= t - window:
+        while t - times[j] >= window:  # SendWindow's comparison: float rounding cannot split them
             j += 1
         best = max(best, i - j + 1)
     return best
@@ -78,3 +78,38 @@ def test_a_bucket_taken_below_zero_waits_longer_and_is_not_refilled() -> None:
     bucket.take(0)  # a caller that did not wait: it owes a token
     assert bucket.wait(0) == 1.0
     assert bucket.wait(0.5) == 0.5
+
+
+def test_the_window_holds_requests_that_come_in_bunches() -> None:
+    # Sends start evenly paced, but leave in bunches (each waits for a group commit of up to
+    # 60 ms): counted as they leave, no 1 s window holds more than the window's limit.
+    rng = random.Random(7)
+    window = number_window(80)
+    assert window.limit == 79
+    started = _run(number_bucket(80, 0.96), 20)
+    left: list[float] = []
+    bunched: list[float] = []  # when they would leave without the window
+    commit_at = 100.0
+    for t in started:
+        while commit_at < t:
+            commit_at += rng.uniform(0.005, 0.060)
+        now = commit_at  # the bunch leaves when its commit returns
+        bunched.append(now)
+        while (wait := window.wait(now)) > 0:
+            now += wait
+        window.take(now)
+        left.append(now)
+    assert _max_in_window(bunched) > 80  # what the provider refused
+    assert _max_in_window(left) <= 79
+    assert len(left) == len(started)
+    assert left[-1] - left[0] <= (started[-1] - started[0]) + 1.0  # it delays, it does not drop
+
+
+def test_the_window_waits_for_its_oldest_to_age_out() -> None:
+    window = SendWindow(limit=2, window=1.0)
+    assert window.wait(0.0) == 0
+    window.take(0.0)
+    window.take(0.25)
+    assert window.wait(0.5) == 0.5
+    assert window.wait(1.0) == 0
+    assert number_window(1).limit == 1
