@@ -256,6 +256,7 @@ async def run(services: Services, scale: float) -> None:
                     await produce_all(dep, run_id, n, keys)
                     produced = time.time()
                     await rx.wait_for(http, {"a": n}, 600)
+                wall = time.time() - started
                 got = await rx.results(http, "a")
                 rate, unique, first, last = span_rate(got)
                 row(
@@ -270,16 +271,18 @@ async def run(services: Services, scale: float) -> None:
                     f"(produced in {produced - started:.1f} s; first receipt after {first - started:.2f} s;"
                     f" {len(got) - unique} duplicates)",
                 )
-                print(f"    CPU: {cpu.describe(usage)}", flush=True)
+                print(f"    CPU: {cpu.describe(usage)}; {worker_cost(usage, wall, n)}", flush=True)
 
                 await rx.reset(http)
                 offered = 1000
                 m = int(offered * 20 * scale)
                 run_id = uuid.uuid4().hex[:6]
                 usage = {}
+                t0 = time.time()
                 with cpu.accounting(usage):
                     sent = await produce_paced(dep, run_id, m, keys, offered)
                     await rx.wait_for(http, {"a": m}, 600)
+                wall = time.time() - t0
                 got = await rx.results(http, "a")
                 seen: dict[str, float] = {}
                 for i, t in got:
@@ -290,7 +293,7 @@ async def run(services: Services, scale: float) -> None:
                     summary_ms(lat),
                     "(target p99 50 ms)",
                 )
-                print(f"    CPU: {cpu.describe(usage)}", flush=True)
+                print(f"    CPU: {cpu.describe(usage)}; {worker_cost(usage, wall, m)}", flush=True)
             finally:
                 dep.stop_all()
 
@@ -304,9 +307,11 @@ async def run(services: Services, scale: float) -> None:
                 try:
                     await endpoints(http, dep, rx, [*healthy, tenth], healthy)
                     usage = {}
+                    t0 = time.time()
                     with cpu.accounting(usage):
                         await produce_all(dep, uuid.uuid4().hex[:6], m, keys)
                         await rx.wait_for(http, {p: m for p in healthy}, 900)
+                    wall = time.time() - t0
                     receipts = {(p, i): t for p in healthy for i, t in await rx.results(http, p)}
                     tenth_got = len(await rx.results(http, tenth))
                     rates[case] = len(receipts) / (max(receipts.values()) - min(receipts.values()))
@@ -315,11 +320,18 @@ async def run(services: Services, scale: float) -> None:
                         f"{rates[case]:,.0f} /s",
                         f"(the 10th got {tenth_got:,} requests meanwhile)",
                     )
-                    print(f"    CPU: {cpu.describe(usage)}", flush=True)
+                    cost = worker_cost(usage, wall, len(receipts) + tenth_got)
+                    print(f"    CPU: {cpu.describe(usage)}; {cost}", flush=True)
                 finally:
                     dep.stop_all()
             kept = rates["1 hanging (never answers)"] / rates["all 10 healthy"]
             row("  the 9 keep, with one hanging", f"{kept:.2f}x", "(target >= 0.90x)")
+
+
+def worker_cost(usage: dict[str, float], wall: float, deliveries: int) -> str:
+    """Worker CPU time per delivery during a phase: steadier than rates on a shared box."""
+    used = usage.get("worker", 0.0) / 100 * wall
+    return f"worker CPU {1e6 * used / max(deliveries, 1):,.0f} us per delivery ({used:.1f} s)"
 
 
 async def _alive(http: aiohttp.ClientSession, rx: Receiver) -> bool:
