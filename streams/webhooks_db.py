@@ -273,11 +273,19 @@ INSERT INTO webhook_events (event_id, type, key, body)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])
 ON CONFLICT (event_id) DO NOTHING
 """
-_DELIVERIES_IN = """
+# The events and their deliveries in one statement (one round trip, atomic by itself): the
+# foreign key from a delivery to its event is checked at the end of the statement, when the
+# events' rows are in.
+_FAN_OUT = """
+WITH events AS (
+    INSERT INTO webhook_events (event_id, type, key, body)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[])
+    ON CONFLICT (event_id) DO NOTHING
+)
 INSERT INTO webhook_deliveries
     (endpoint_id, event_id, event_type, lane, partition, seq, status, next_attempt_at, created_at, updated_at)
-SELECT e, i, t, l, p, s, 'pending', $7, $7, $7
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bigint[]) AS f(e, i, t, l, p, s)
+SELECT e, i, t, l, p, s, 'pending', $11, $11, $11
+FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::int[], $10::bigint[]) AS f(e, i, t, l, p, s)
 ON CONFLICT (endpoint_id, event_id) DO NOTHING
 RETURNING id, endpoint_id, event_id
 """
@@ -293,24 +301,20 @@ async def fan_out(
     if not pairs:
         return []
     wanted = {r.event_id: r for _, r in pairs}
-    async with conn.transaction():
-        await conn.execute(
-            _EVENTS_IN,
-            list(wanted),
-            [r.type for r in wanted.values()],
-            [r.key for r in wanted.values()],
-            [r.body for r in wanted.values()],
-        )
-        rows = await conn.fetch(
-            _DELIVERIES_IN,
-            [ep.id for ep, _ in pairs],
-            [r.event_id for _, r in pairs],
-            [r.type for _, r in pairs],
-            [r.key for _, r in pairs],
-            [r.partition for _, r in pairs],
-            [r.offset for _, r in pairs],
-            now,
-        )
+    rows = await conn.fetch(
+        _FAN_OUT,
+        list(wanted),
+        [r.type for r in wanted.values()],
+        [r.key for r in wanted.values()],
+        [r.body for r in wanted.values()],
+        [ep.id for ep, _ in pairs],
+        [r.event_id for _, r in pairs],
+        [r.type for _, r in pairs],
+        [r.key for _, r in pairs],
+        [r.partition for _, r in pairs],
+        [r.offset for _, r in pairs],
+        now,
+    )
     created = {(row["endpoint_id"], row["event_id"]): row["id"] for row in rows}
     return [
         Delivery(
@@ -351,47 +355,40 @@ class Result:
     next_attempt_at: datetime | None
 
 
-# An endpoint deleted meanwhile took its deliveries along: their attempts are not stored.
-_ATTEMPTS_IN = """
-INSERT INTO webhook_attempts (delivery_id, attempt, at, status, latency_ms, error, response)
-SELECT f.* FROM unnest(
-    $1::bigint[], $2::int[], $3::timestamptz[], $4::int[], $5::real[], $6::text[], $7::text[]
-) AS f(id, n, at, s, l, e, r)
-JOIN webhook_deliveries d ON d.id = f.id
-ON CONFLICT (delivery_id, attempt) DO NOTHING
-"""
-_DELIVERIES_UP = """
-UPDATE webhook_deliveries d SET status = f.s, attempts = f.a, next_attempt_at = f.n, last_status = f.c,
-    last_error = f.err, updated_at = f.at
-FROM unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::int[], $6::text[], $7::timestamptz[])
-    AS f(id, s, a, n, c, err, at)
+# One statement (one round trip, atomic by itself): the attempts, then their deliveries' new
+# state. An endpoint deleted meanwhile took its deliveries along: their attempts are not stored.
+_RESULTS = """
+WITH f AS MATERIALIZED (
+    SELECT * FROM unnest(
+        $1::bigint[], $2::int[], $3::timestamptz[], $4::int[], $5::real[], $6::text[], $7::text[],
+        $8::text[], $9::timestamptz[]
+    ) AS f(id, n, at, s, l, e, r, st, nx)
+), attempts AS (
+    INSERT INTO webhook_attempts (delivery_id, attempt, at, status, latency_ms, error, response)
+    SELECT f.id, f.n, f.at, f.s, f.l, f.e, f.r FROM f JOIN webhook_deliveries d ON d.id = f.id
+    ON CONFLICT (delivery_id, attempt) DO NOTHING
+)
+UPDATE webhook_deliveries d SET status = f.st, attempts = f.n, next_attempt_at = f.nx, last_status = f.s,
+    last_error = f.e, updated_at = f.at
+FROM f
 WHERE d.id = f.id
 """
 
 
 async def record_results(conn: Conn, results: Sequence[Result]) -> None:
-    """Store a group of attempts and their deliveries' new state in one transaction."""
-    async with conn.transaction():
-        await conn.execute(
-            _ATTEMPTS_IN,
-            [r.delivery_id for r in results],
-            [r.attempt for r in results],
-            [r.at for r in results],
-            [r.status for r in results],
-            [r.latency_ms for r in results],
-            [r.error for r in results],
-            [r.response[:RESPONSE_KEPT] for r in results],
-        )
-        await conn.execute(
-            _DELIVERIES_UP,
-            [r.delivery_id for r in results],
-            [r.new_status for r in results],
-            [r.attempt for r in results],
-            [r.next_attempt_at for r in results],
-            [r.status for r in results],
-            [r.error for r in results],
-            [r.at for r in results],
-        )
+    """Store a group of attempts and their deliveries' new state in one statement."""
+    await conn.execute(
+        _RESULTS,
+        [r.delivery_id for r in results],
+        [r.attempt for r in results],
+        [r.at for r in results],
+        [r.status for r in results],
+        [r.latency_ms for r in results],
+        [r.error for r in results],
+        [r.response[:RESPONSE_KEPT] for r in results],
+        [r.new_status for r in results],
+        [r.next_attempt_at for r in results],
+    )
 
 
 async def endpoint_failing(conn: Conn, endpoint_id: str, since: datetime | None) -> None:
