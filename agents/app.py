@@ -151,6 +151,7 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_lifecycle_writer_up": 0 if lifecycle.failure else 1,
                 "parley_sweep_skipped_total": sweep.skipped_total,
                 "parley_ledger_pruned_total": pruner.pruned_total,
+                "parley_outbox_pruned_total": pruner.outbox_pruned_total,
                 "parley_outbox_published_total": outbox.published,
                 "parley_webhook_deliveries_created_total": webhooks.fanned_out,
                 "parley_webhook_delivered_total": dispatcher.delivered,

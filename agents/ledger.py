@@ -1,10 +1,15 @@
-"""Pruning of the event ledger (processed_events): it only has to remember what Kafka can still
-deliver again, i.e. the events within the source topic's retention.
+"""Pruning of the event ledger (processed_events) and of the published outbox: both only have to
+remember what Kafka can still deliver again, i.e. the events within the source topic's retention.
 
 A redelivery (after a crash or a rebalance) or a replay can only bring back an event that is
 still in the topic, so a ledger row older than the retention plus a margin can never stop a
 duplicate any more. Rows are deleted in bounded chunks (short transactions, no long lock, no
 giant WAL burst). Infinite retention (negative) means the topic keeps everything: never prune.
+
+An outbox row stops a re-derived outgoing event from being written twice (its event id is the
+source event's id plus its type); once published, and older than the same cut, its source event
+can no longer come back, and the event itself stays on <prefix>.outgoing-events for replays. A
+row not yet published is never pruned, however old.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ DELETE FROM processed_events WHERE ctid = ANY(ARRAY(
 """
 
 
+_DELETE_OUTBOX_CHUNK = """
+DELETE FROM outbox WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM outbox WHERE published_at IS NOT NULL AND created_at < $1 LIMIT $2))
+"""
+
+
 def prune_cut(now: datetime, retention: timedelta, margin: timedelta) -> datetime | None:
     """Rows processed before this can go; None when the retention is infinite."""
     if retention < timedelta(0):
@@ -35,21 +46,28 @@ def prune_cut(now: datetime, retention: timedelta, margin: timedelta) -> datetim
     return now - retention - margin
 
 
-async def prune(pool: asyncpg.Pool, cut: datetime, chunk: int = 10_000) -> int:
-    """Delete ledger rows processed before `cut`, chunk by chunk; returns how many."""
-    deleted = 0
+async def prune(pool: asyncpg.Pool, cut: datetime, chunk: int = 10_000) -> tuple[int, int]:
+    """Delete ledger rows processed before `cut`, and published outbox rows created before it,
+    chunk by chunk; returns how many of each."""
     async with pool.acquire() as conn:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _PRUNE_LOCK):
-            return 0  # another worker is pruning right now
+            return 0, 0  # another worker is pruning right now
         try:
-            while True:
-                status = await conn.execute(_DELETE_CHUNK, cut, chunk)
-                n = int(status.split()[-1])  # "DELETE <n>"
-                deleted += n
-                if n < chunk:
-                    return deleted
+            ledger = await _in_chunks(conn, _DELETE_CHUNK, cut, chunk)
+            outbox = await _in_chunks(conn, _DELETE_OUTBOX_CHUNK, cut, chunk)
+            return ledger, outbox
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _PRUNE_LOCK)
+
+
+async def _in_chunks(conn: asyncpg.Connection, delete: str, cut: datetime, chunk: int) -> int:
+    deleted = 0
+    while True:
+        status = await conn.execute(delete, cut, chunk)
+        n = int(status.split()[-1])  # "DELETE <n>"
+        deleted += n
+        if n < chunk:
+            return deleted
 
 
 class LedgerPruner:
@@ -67,15 +85,22 @@ class LedgerPruner:
         self.margin = margin
         self.interval = interval
         self.pruned_total = 0
+        self.outbox_pruned_total = 0
 
     async def run_once(self, now: datetime | None = None) -> int:
         """One pruning round; returns how many rows it deleted."""
         cut = prune_cut(now or datetime.now(UTC), self.retention, self.margin)
         if cut is None:
             return 0
-        n = await prune(await self.pool(), cut)
+        n, published = await prune(await self.pool(), cut)
         self.pruned_total += n
-        log.info("ledger: pruned %d processed_events rows older than %s", n, cut.isoformat())
+        self.outbox_pruned_total += published
+        log.info(
+            "ledger: pruned %d processed_events and %d published outbox rows older than %s",
+            n,
+            published,
+            cut.isoformat(),
+        )
         return n
 
     async def run(self) -> None:

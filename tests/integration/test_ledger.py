@@ -1,4 +1,5 @@
-"""The ledger (processed_events) is pruned past the topic's retention plus a margin."""
+"""The ledger (processed_events) and the published outbox are pruned past the topic's retention
+plus a margin; an unpublished outbox row never is."""
 
 from __future__ import annotations
 
@@ -46,19 +47,50 @@ async def test_the_worker_prunes_rows_older_than_retention_plus_margin(
     assert (await metrics(http, deployment))["parley_ledger_pruned_total"] >= len(old)
 
 
+async def _outbox(db: asyncpg.Connection, rows: dict[str, tuple[timedelta, bool]]) -> None:
+    """Outbox rows: event id -> (age, published)."""
+    t = now()
+    await db.executemany(
+        "INSERT INTO outbox (event_id, type, key, payload, created_at, partition, published_at)"
+        " VALUES ($1, 'test.pruned', 'k', '{}', $2, 0, $3)",
+        [(eid, t - age, t if published else None) for eid, (age, published) in rows.items()],
+    )
+
+
+async def test_the_worker_prunes_published_outbox_rows_too(
+    http: aiohttp.ClientSession, deployment: Deployment, db: asyncpg.Connection
+) -> None:
+    await _outbox(
+        db, {"outbox-old": (timedelta(hours=2), True), "outbox-recent": (timedelta(minutes=1), True)}
+    )
+
+    async def pruned() -> bool:
+        return bool(await db.fetchval("SELECT count(*) FROM outbox WHERE event_id = 'outbox-old'") == 0)
+
+    await wait_until(pruned, 30, "the old published outbox row to be pruned")
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE event_id = 'outbox-recent'") == 1
+    assert (await metrics(http, deployment))["parley_outbox_pruned_total"] >= 1
+
+
 async def test_prune_works_in_chunks_and_never_with_infinite_retention(
     deployment: Deployment, db: asyncpg.Connection
 ) -> None:
     deployment.stop("worker")  # this test calls the pruner itself
     ages = {f"chunked-{i}": timedelta(days=30) for i in range(23)} | {"fresh": timedelta(0)}
     await _ledger(db, ages)
+    # No worker, so no relay: an unpublished row stays unpublished, and is never pruned.
+    await _outbox(
+        db, {"sent-long-ago": (timedelta(days=30), True), "never-sent": (timedelta(days=30), False)}
+    )
     assert prune_cut(now(), timedelta(seconds=-1), timedelta(days=1)) is None  # keep forever
     cut = prune_cut(now(), timedelta(days=7), timedelta(days=1))
     assert cut is not None
     pool = await create_pool(deployment.database_url, 1)
     try:
-        assert await prune(pool, cut, chunk=5) == 23  # 4 full chunks of 5, then a short one
+        assert await prune(pool, cut, chunk=5) == (23, 1)  # 4 full chunks of 5, then a short one
     finally:
         await pool.close()
     left = {r["event_id"] for r in await db.fetch("SELECT event_id FROM processed_events")}
     assert "fresh" in left and not any(e.startswith("chunked-") for e in left)
+    outbox = {r["event_id"] for r in await db.fetch("SELECT event_id FROM outbox WHERE type = 'test.pruned'")}
+    assert outbox & {"sent-long-ago", "never-sent"} == {"never-sent"}
