@@ -60,7 +60,7 @@ async def prune(pool: asyncpg.Pool, cut: datetime, chunk: int = 10_000) -> tuple
             await conn.execute("SELECT pg_advisory_unlock($1)", _PRUNE_LOCK)
 
 
-async def _in_chunks(conn: asyncpg.Connection, delete: str, cut: datetime, chunk: int) -> int:
+async def _in_chunks(conn: asyncpg.pool.PoolConnectionProxy, delete: str, cut: datetime, chunk: int) -> int:
     deleted = 0
     while True:
         status = await conn.execute(delete, cut, chunk)
