@@ -155,15 +155,19 @@ async def send_from_channel(request: web.Request) -> web.Response:
     if isinstance(key, web.Response):
         return key
     channel_id = request.match_info["id"]
-    latest = await ctx.store.thread_conversation(channel_id, routing.to)
+    channel = await ctx.channels.record(channel_id)
+    if channel is None:
+        return error(404, "no such channel")
+    contact_id = outbound.contact_for(channel.provider, routing.to)  # as inbound messages name it
+    latest = await ctx.store.thread_conversation(channel_id, contact_id)
     current = latest if latest is not None and latest["state"] != "closed" else None
     return await _send(
         ctx,
         channel_id=channel_id,
-        contact_id=routing.to,
+        contact_id=contact_id,
         conversation=current,
         content=content,
-        message_id=message_id_for(f"thread:{channel_id}/{routing.to}", key),
+        message_id=message_id_for(f"thread:{channel_id}/{contact_id}", key),
         keyed_by_client=key is not None,
     )
 

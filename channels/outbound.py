@@ -662,3 +662,14 @@ def next_wait(
         return None
     delay = backoff(attempt, base=base, factor=factor, cap=cap, jitter=jitter)
     return max(delay, outcome.retry_after) if outcome.retry_after is not None else delay
+
+
+def contact_for(provider: str, to: str) -> str:
+    """A `to` given to the API, as that provider's inbound messages name the contact (so a
+    business-initiated message joins the thread the user's own messages are in): WhatsApp's
+    wa_id has no "+" ("+55 11..." -> "5511..."); Twilio's From loses its "whatsapp:" prefix."""
+    if provider == "whatsapp":
+        return to.removeprefix("+")
+    if provider == "twilio":
+        return to.removeprefix("whatsapp:")
+    return to

@@ -174,6 +174,28 @@ async def test_a_text_is_sent_and_its_receipts_arrive(
     await wait_until(read, 30, "the read receipt applied to the sent message")
 
 
+async def test_a_business_message_to_a_plus_number_joins_the_users_thread(
+    http: aiohttp.ClientSession, deployment: Deployment, sim: Simulator
+) -> None:
+    # WhatsApp names the user by wa_id ("5511..."); a business writing "+5511..." means the same
+    # person, and its template joins the conversation the user's own message opened.
+    n = await register(http, deployment, sim)
+    contact = "5511" + str(random.randint(10**7, 10**8 - 1))
+    conv = await user_says(http, deployment, n, contact, "oi")
+    code, body = await call(
+        http,
+        deployment,
+        "POST",
+        f"/v1/channels/{n.channel_id}/messages",
+        {"to": "+" + contact, "type": "template", "name": "promo", "language": "en_US"},
+    )
+    assert code == 202, body
+    sent = await status_of(http, deployment, body["id"], "sent")
+    assert sent["conversation_id"] == conv and sent["contact_id"] == contact
+    [got] = accepted_for(sim, n)
+    assert got.recipient == contact
+
+
 async def test_idempotency_key_and_window(
     http: aiohttp.ClientSession, deployment: Deployment, sim: Simulator
 ) -> None:

@@ -29,6 +29,7 @@ from channels.outbound import (
     backoff,
     classify_twilio,
     classify_whatsapp,
+    contact_for,
     ensure_supported,
     is_free_form,
     next_wait,
@@ -719,3 +720,10 @@ def test_next_wait() -> None:
     kinds: tuple[OutcomeKind, ...] = ("sent", "failed", "paused", "in_doubt")
     for kind in kinds:
         assert next_wait(SendOutcome(kind), 1, **params) is None
+
+
+def test_a_recipient_is_named_as_inbound_messages_name_it() -> None:
+    assert contact_for("whatsapp", "+5511987654321") == "5511987654321"
+    assert contact_for("whatsapp", "5511987654321") == "5511987654321"
+    assert contact_for("twilio", "whatsapp:+5511987654321") == "+5511987654321"
+    assert contact_for("twilio", "+5511987654321") == "+5511987654321"
