@@ -141,7 +141,10 @@ async def produce_all(dep: Deployment, run: str, n: int, keys: int) -> list[str]
 async def produce_paced(dep: Deployment, run: str, n: int, keys: int, rate: float) -> dict[str, float]:
     """n events at `rate`/s; event id -> unix time of its send() call (the produce time)."""
     topic = f"{dep.name}.outgoing-events"
-    prod = producer(dep, 0)
+    # linger 2 ms, as the outbox relay that publishes these in production (agents/outbox.py): with
+    # 0, every event was a produce request of its own, and the broker's CPU for 1,000 of those a
+    # second competed with the worker on these two cores (the latency counts from send()).
+    prod = producer(dep, 2)
     await prod.start()
     sent: dict[str, float] = {}
     futs = []
