@@ -30,6 +30,33 @@ class _IdempotentProducer(faust_aiokafka.Producer):
 # The transport builds its producer from this class attribute.
 faust_aiokafka.Transport.Producer = _IdempotentProducer
 
+
+class _SeekingConsumer(faust_aiokafka.Consumer):
+    """Seeks to the committed offsets with the flow stopped.
+
+    Every rebalance ends with Faust resuming the stream partitions and then seeking them to
+    their committed offsets (tables/recovery.py, on_recovery_completed). The loop delivering
+    records may meanwhile be half-way through a batch fetched after the resume; the seek resets
+    the read offsets under it. The rest of that batch then marks the offsets in between as a
+    "gap" (committed as if acked) and moves the read offsets past them, so the same records
+    fetched again from the committed offset are dropped as already read ("DROPPED MESSAGE
+    ROFF"), while their first copies, still in the agent's queue, were cleared when the flow
+    resumed: events lost (tests/integration/test_rebalance_stream.py). With the flow stopped,
+    that loop abandons its batch at the next record (getmany checks the flow per record); the
+    seek then rewinds what it skipped."""
+
+    async def perform_seek(self) -> None:
+        flowing = self.flow_active
+        self.stop_flow()
+        try:
+            await super().perform_seek()
+        finally:
+            if flowing:
+                self.resume_flow()
+
+
+faust_aiokafka.Transport.Consumer = _SeekingConsumer
+
 # Faust hard-codes fetch_max_wait_ms=1500 for the worker's consumer. aiokafka keeps one fetch in
 # flight per broker, and leaves out of it the partitions whose records are not consumed yet; so
 # when the in-flight fetch covers only quiet partitions (the other topics), the busy ones wait
