@@ -8,7 +8,7 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.transport.producer import ProducerBuffer
 
-from agents import deadletters
+from agents import batching, deadletters
 from agents.ledger import LedgerPruner
 from agents.lifecycle import LifecycleAgent
 from agents.metrics import serve
@@ -78,6 +78,10 @@ faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = _quick_fetches  
 # after each batch. 1,000 measured best here: 10,000 made each pause seconds long, writing the
 # changelog ourselves and awaiting it per batch was slower (bench, Nov 2026).
 ProducerBuffer.max_messages = 1_000
+# The lifecycle, webhook fan-out and send agents take each fetch's records as one list of
+# Messages, not one Event per record (agents/batching.py: Consumer._drain_messages, for the
+# topics registered there only; everything else keeps Faust's per-record path).
+batching.install()
 
 
 def broker_urls(bootstrap: str) -> list[str]:

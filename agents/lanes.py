@@ -27,7 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import asyncpg
 import faust
 
-from agents.runner import consume_in_batches
+from agents import batching
 from agents.scheduler import owned_partitions
 from domain.timer_wheel import TimerWheel
 
@@ -274,8 +274,9 @@ class Engine(Protocol):
 class LaneAgent:
     """What the webhook and the send agents share around their engine (Dispatcher, Sender):
 
-    - a Faust agent on `topic` whose records name work for the engine (`handle`, batched, acked
-      once handled; the work itself is already in Postgres);
+    - a Faust agent on `topic` whose records name work for the engine (`handle`, given batches
+      of Faust Messages by agents/batching.py, acked once handled; the work itself is already in
+      Postgres);
     - after an assignment, the engine reloads the new partitions' open work from Postgres; before
       a revocation completes, it stops (cancelling requests in flight) and forgets them;
     - a LISTEN connection for the NOTIFY channels in `listeners()`; after every (re)connect
@@ -306,6 +307,7 @@ class LaneAgent:
 
     def register(self) -> None:
         """Attach the agent, the engine, the listener and the rebalance hooks to the app."""
+        self.intake = batching.register(self.app, self.topic, self.settings.worker_batch_size)
         self.app.agent(self.topic, name=self.name)(self._run)
         self.app.task(self._engine)
         self.app.task(self._listen)
@@ -377,9 +379,8 @@ class LaneAgent:
                     await conn.close()
 
     async def _run(self, stream: faust.StreamT[bytes]) -> None:
-        await consume_in_batches(
-            stream,
-            limit=self.settings.worker_batch_size,
+        await batching.consume_batches(
+            self.intake,
             linger=self.linger,
             handle=self.handle,
             name=f"{self.name} intake",

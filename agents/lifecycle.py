@@ -23,7 +23,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from agents.runner import apply_isolating, consume_in_batches, with_retries
+from agents import batching
+from agents.runner import apply_isolating, with_retries
 from agents.scheduler import Scheduler
 from streams.projection import BatchResult, apply_batch
 from streams.records import CONVERSATION_EVENT, ConversationEvent, DeadLetter
@@ -100,6 +101,9 @@ class LifecycleAgent:
 
     def register(self) -> None:
         """Attach the agent to the app."""
+        # The agent makes Faust subscribe and own the partitions; its records come as batches of
+        # Messages through the intake (agents/batching.py), not as Events through the stream.
+        self.intake = batching.register(self.app, self.source, self.settings.worker_batch_size)
         self.app.agent(self.source, name="lifecycle")(self._run)
 
         async def close_parker(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -137,14 +141,13 @@ class LifecycleAgent:
 
     async def _run(self, stream: faust.StreamT[bytes]) -> None:
         # Acks are manual and happen only after the batch is safely in Postgres or parked.
-        await consume_in_batches(
-            stream,
-            limit=self.settings.worker_batch_size,
+        await batching.consume_batches(
+            self.intake,
             linger=self.settings.worker_linger.total_seconds(),
             handle=self.handle,
             name="lifecycle writer",
             on_fatal=self.fatal,
-            arrived=lambda event: self.stats.arrived(time.time() - event.message.timestamp),
+            arrived=lambda message: self.stats.arrived(time.time() - message.timestamp),
             handled=self.stats.observe,
         )
 
@@ -156,13 +159,14 @@ class LifecycleAgent:
         os.kill(os.getpid(), signal.SIGTERM)  # Faust's own graceful stop; cmd_worker exits 1
 
     async def handle(self, batch: Sequence[Any]) -> None:
-        """Decode, apply, dead-letter what cannot be applied; returns only when all is safe."""
+        """Decode, apply, dead-letter what cannot be applied; returns only when all is safe.
+        `batch` holds Faust Messages (agents/batching.py), in offset order per partition."""
         decoded: list[tuple[Any, ConversationEvent]] = []
-        for event in batch:
+        for message in batch:
             try:
-                decoded.append((event, CONVERSATION_EVENT.validate_json(event.message.value)))
+                decoded.append((message, CONVERSATION_EVENT.validate_json(message.value)))
             except ValidationError as exc:
-                await self.dead_letter(event, f"undecodable event: {exc}", attempts=1)
+                await self.dead_letter(message, f"undecodable event: {exc}", attempts=1)
         await apply_isolating(decoded, self._apply_and_arm, self._park)
 
     async def _apply_and_arm(self, items: Sequence[tuple[Any, ConversationEvent]]) -> None:
@@ -191,9 +195,8 @@ class LifecycleAgent:
         self.applied += result.applied
         return result
 
-    async def dead_letter(self, event: Any, error: str, attempts: int) -> None:
-        """Park one event on the dead-letter topic and wait for Kafka's ack."""
-        msg = event.message
+    async def dead_letter(self, msg: Any, error: str, attempts: int) -> None:
+        """Park one record (a Faust Message) on the dead-letter topic and wait for Kafka's ack."""
         key = msg.key.decode(errors="replace") if msg.key else None
         log.error(
             "lifecycle: dead-lettering %s[%d]@%d key=%s: %s", msg.topic, msg.partition, msg.offset, key, error

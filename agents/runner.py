@@ -4,8 +4,8 @@
 find the failing events, applies everything else in order, and parks only the failing ones.
 One poison event in a batch of n costs about 2*log2(n) transactions, not n.
 
-`consume_in_batches` is the consume/handle/ack loop every agent uses: acks only after the batch
-is safe.
+`agents/batching.py` holds the consume/handle/ack loop every agent uses (`consume_batches`):
+acks only after the batch is safe.
 
 `supervise` makes a background task's death fatal: a worker whose writer died must leave the
 consumer group (so its partitions move to a live worker) instead of holding them silently.
@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 from asyncpg.exceptions._base import DataError as ClientDataError
@@ -99,63 +98,3 @@ def supervise(task: asyncio.Task[None], name: str, on_fatal: Callable[[BaseExcep
         on_fatal(exc)
 
     task.add_done_callback(done)
-
-
-async def consume_in_batches(
-    stream: Any,
-    *,
-    limit: int,
-    linger: float,
-    handle: Callable[[list[Any]], Awaitable[None]],
-    name: str,
-    on_fatal: Callable[[BaseException], None],
-    arrived: Callable[[Any], None] | None = None,
-    handled: Callable[[int, float], None] | None = None,
-) -> None:
-    """Consume a Faust stream in batches, acking each event only after `handle` returned for it.
-
-    Opportunistic batching: while one batch is handled, the next accumulates, so batches grow with
-    load and an idle worker handles a lone event at once (after `linger`). `handle` must never
-    raise for an event's own reasons (park it instead); if it does, the writer task dies,
-    `on_fatal` runs and consumption stops with nothing acked past the last handled batch.
-    """
-    manual = stream.noack()
-    pending: list[Any] = []
-    ready = asyncio.Event()
-    room = asyncio.Event()
-    room.set()
-
-    async def writer() -> None:
-        while True:
-            await ready.wait()
-            if len(pending) < limit and linger > 0:
-                # Give the consumer a moment to deliver more: a batch of one costs nearly as much
-                # as a batch of a hundred, and tiny batches starve the consumer.
-                await asyncio.sleep(linger)  # batching window, not synchronisation
-            batch = pending[:limit]
-            del pending[:limit]
-            if not pending:
-                ready.clear()
-            room.set()
-            started = time.perf_counter()
-            await handle(batch)
-            for event in batch:
-                await manual.ack(event)
-            if handled is not None:
-                handled(len(batch), time.perf_counter() - started)
-
-    task = asyncio.create_task(writer())
-    supervise(task, name, on_fatal)
-    try:
-        async for event in manual.events():
-            if arrived is not None:
-                arrived(event)
-            pending.append(event)
-            ready.set()
-            if len(pending) >= 2 * limit:
-                room.clear()
-                await room.wait()  # backpressure: the writer is behind by two batches
-            if task.done():
-                break  # the writer died (see on_fatal): stop consuming, the worker is stopping
-    finally:
-        task.cancel()

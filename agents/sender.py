@@ -483,11 +483,11 @@ class SendAgent(LaneAgent):
         from Postgres (the lifecycle agent queued it there), so a record seen twice, or one
         re-driven from the dead letters, can never send what is already sent or failed."""
         ids = []
-        for event in batch:
+        for message in batch:  # Faust Messages (agents/batching.py)
             try:
-                ids.append(str(orjson.loads(bytes(event.message.value))["data"]["id"]))
+                ids.append(str(orjson.loads(bytes(message.value))["data"]["id"]))
             except Exception as exc:  # noqa: BLE001 - unreadable: the reload from Postgres has it
-                log.error("sender: unreadable record at offset %d: %s", event.message.offset, exc)
+                log.error("sender: unreadable record at offset %d: %s", message.offset, exc)
         ids = [i for i in ids if i not in self.sender.lanes.known]  # handed over in-process already
         if not ids:
             return

@@ -301,8 +301,7 @@ class WebhookAgent(LaneAgent):
     async def handle(self, batch: list[Any]) -> None:
         """Store the batch's deliveries, then give the new ones to the dispatcher."""
         records: list[db.Outgoing] = []
-        for event in batch:
-            msg = event.message
+        for msg in batch:  # Faust Messages (agents/batching.py)
             try:
                 value = bytes(msg.value)
                 parsed = orjson.loads(value)
@@ -317,7 +316,7 @@ class WebhookAgent(LaneAgent):
                     )
                 )
             except Exception as exc:  # noqa: BLE001 - a record we cannot read: park it, go on
-                await self.dead_letter(event, f"undecodable outgoing event: {type(exc).__name__}: {exc}", 1)
+                await self.dead_letter(msg, f"undecodable outgoing event: {type(exc).__name__}: {exc}", 1)
         if not records:
             return
 

@@ -15,6 +15,16 @@ from bench.stats import pct, row, summary_ms
 from tests.integration.harness import Deployment, GenericChannel, Services, local_services
 
 
+async def noop_paths(services: Services, scale: float, rounds: int = 3) -> None:
+    """Faust's per-event path and the batch path, back to back, `rounds` times (a shared box)."""
+    n = int(100_000 * scale)
+    print(f"\n== Faust no-op agent, {n:,} events, per-event path vs batch path ==", flush=True)
+    for i in range(rounds):
+        events = await baselines.faust_noop(services.bootstrap, n)
+        batched = await baselines.faust_noop(services.bootstrap, n, path="batches")
+        row(f"round {i + 1}", f"{events:,.0f} vs {batched:,.0f} events/s", f"= {batched / events:.2f}x")
+
+
 async def run(services: Services, scale: float, skip_timers: bool) -> None:
     """Every figure, printed as it is measured."""
     n_raw = int(200_000 * scale)
@@ -25,6 +35,12 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
     row("raw asyncpg INSERT..unnest, 1000/batch", f"{pg_rate:,.0f} rows/s")
     faust_rate = await baselines.faust_noop(services.bootstrap, int(100_000 * scale))
     row("Faust stream machinery alone (no-op agent, manual acks)", f"{faust_rate:,.0f} events/s")
+    batch_rate = await baselines.faust_noop(services.bootstrap, int(100_000 * scale), path="batches")
+    row(
+        "  the same through the batch path (agents/batching.py)",
+        f"{batch_rate:,.0f} events/s",
+        f"= {batch_rate / faust_rate:.2f}x Faust's per-event path",
+    )
     await projection(services)
 
     dep = Deployment(services)
@@ -243,9 +259,12 @@ def main() -> None:
     parser.add_argument("--schedules-only", action="store_true", help="only the schedules phase")
     parser.add_argument("--webhooks-only", action="store_true", help="only the outgoing-webhooks phase")
     parser.add_argument("--sends-only", action="store_true", help="only the outbound-sends phase")
+    parser.add_argument(
+        "--noop-only", action="store_true", help="only the Faust no-op, per-event vs batch path, 3 rounds"
+    )
     args = parser.parse_args()
     only = [args.projection_only, args.recovery_only, args.schedules_only, args.webhooks_only]
-    if any(only) or args.sends_only:
+    if any(only) or args.sends_only or args.noop_only:
         with local_services("parley-bench-") as services:
             if args.projection_only:
                 asyncio.run(projection(services))
@@ -257,6 +276,8 @@ def main() -> None:
                 asyncio.run(webhooks.run(services, args.scale))
             if args.sends_only:
                 asyncio.run(sends.run(services, args.scale))
+            if args.noop_only:
+                asyncio.run(noop_paths(services, args.scale))
         return
     with local_services("parley-bench-") as services:
         print(

@@ -82,8 +82,9 @@ async def pg_batched_insert(dsn: str, n: int, batch: int = 1000) -> float:
         await conn.close()
 
 
-async def faust_noop(bootstrap: str, n: int, partitions: int = 8) -> float:
-    """Events per second through Faust's stream machinery alone (no-op agent, manual acks)."""
+async def faust_noop(bootstrap: str, n: int, partitions: int = 8, path: str = "events") -> float:
+    """Events per second through Faust's stream machinery alone (no-op agent, manual acks), by
+    Faust's per-event path (`events`) or the batch path the worker's agents use (`batches`)."""
     topic = "bench-noop-" + uuid.uuid4().hex[:8]
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -109,11 +110,12 @@ async def faust_noop(bootstrap: str, n: int, partitions: int = 8) -> float:
         bootstrap,
         topic,
         str(n),
+        path,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), 600)
+    out, err = await asyncio.wait_for(proc.communicate(), 600)
     found = re.search(r"RATE (\d+)", out.decode(errors="replace"))
     if found is None:
-        raise RuntimeError(f"the Faust no-op run printed no rate: {out[-500:]!r}")
+        raise RuntimeError(f"the Faust no-op run printed no rate: {out[-500:]!r} {err[-3000:].decode()}")
     return float(found.group(1))
