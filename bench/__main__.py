@@ -25,8 +25,8 @@ async def noop_paths(services: Services, scale: float, rounds: int = 3) -> None:
         row(f"round {i + 1}", f"{events:,.0f} vs {batched:,.0f} events/s", f"= {batched / events:.2f}x")
 
 
-async def run(services: Services, scale: float, skip_timers: bool) -> None:
-    """Every figure, printed as it is measured."""
+async def run(services: Services, scale: float, skip_timers: bool, inbound_only: bool = False) -> None:
+    """Every figure, printed as it is measured (`inbound_only`: up to the end-to-end phase)."""
     n_raw = int(200_000 * scale)
     print("\n== baselines (same run, same machine) ==", flush=True)
     kafka_rate = await baselines.kafka_produce_consume(services.bootstrap, n_raw)
@@ -115,6 +115,8 @@ async def run(services: Services, scale: float, skip_timers: bool) -> None:
             print(f"    CPU: {cpu.describe(usage)}", flush=True)
     finally:
         dep.stop_all()
+    if inbound_only:
+        return
     await schedule_phase(services, scale)
     await webhooks.run(services, scale)
     await sends.run(services, scale)
@@ -260,6 +262,11 @@ def main() -> None:
     parser.add_argument("--webhooks-only", action="store_true", help="only the outgoing-webhooks phase")
     parser.add_argument("--sends-only", action="store_true", help="only the outbound-sends phase")
     parser.add_argument(
+        "--inbound-only",
+        action="store_true",
+        help="baselines, projection, worker, ingress, end to end (no schedules, webhooks, sends, timers)",
+    )
+    parser.add_argument(
         "--noop-only", action="store_true", help="only the Faust no-op, per-event vs batch path, 3 rounds"
     )
     args = parser.parse_args()
@@ -285,8 +292,8 @@ def main() -> None:
             f"logs in {os.environ['PARLEY_TEST_LOGS']}",
             flush=True,
         )
-        asyncio.run(run(services, args.scale, args.skip_timers))
-    if not args.skip_timers:
+        asyncio.run(run(services, args.scale, args.skip_timers, args.inbound_only))
+    if not (args.skip_timers or args.inbound_only):
         print("\n== timer wheel (pure, in-process) ==", flush=True)
         from bench import bench_timer_wheel
 
