@@ -7,10 +7,11 @@ for the lanes): a lane is one conversation thread (channel, contact), its group 
 
 - Order: a lane sends its head only; the next goes once the head was accepted by the provider or
   failed for good.
-- Limits: per number, a paced token bucket (PARLEY_SEND_RATE_MARGIN of the number's throughput,
-  burst 2 where it fits: domain/ratelimit.number_bucket; no 1 s window sees more than the
-  limit); per recipient, Meta's pair rate (a bucket of ~45 refilled at 1 per 6 s). A recipient
-  at its limit waits alone, on the timer wheel.
+- Limits: per number, a paced token bucket (burst 1, PARLEY_SEND_RATE_MARGIN of the number's
+  throughput) when sends start, and a count of the requests as they leave (at most the
+  throughput minus one in any 1 s window: domain/ratelimit.SendWindow); per recipient, Meta's
+  pair rate (a bucket of ~45 refilled at 1 per 6 s). A recipient at its limit waits alone, on
+  the timer wheel.
 - Failures (channels/outbound.py classifies them): throughput/5xx/no connection: retried with
   capped exponential backoff and jitter, Retry-After honoured; pair rate: this recipient waits;
   invalid recipient, outside the window, bad template...: failed at once with the provider's
@@ -40,7 +41,7 @@ import orjson
 from agents.lanes import GroupCommit, LaneAgent, LaneEngine, LaneKey, retry_forever
 from agents.webhook_client import WebhookSender
 from channels import outbound
-from domain.ratelimit import SendWindow, TokenBucket, number_bucket, number_window
+from domain.ratelimit import SendWindow, TokenBucket, number_window
 from streams import sends_db as db
 from streams.channel_secrets import Sealer
 from streams.settings import Settings
@@ -118,7 +119,7 @@ class Channels:
             channel_id = channel.id
             config = channel.config(now)
             throughput = float(config.get("throughput", 80.0))
-            fresh = number_bucket(throughput, self.margin)
+            fresh = TokenBucket(throughput * self.margin, 1)
             old = self.views.get(channel_id)
             same = old is not None and (old.bucket.rate, old.bucket.burst) == (fresh.rate, fresh.burst)
             bucket = old.bucket if old is not None and same else fresh

@@ -38,7 +38,7 @@ STATUSES = ("pending", "succeeded", "failed")
 def _event_types(value: list[str]) -> list[str]:
     bad = [v for v in value if v != ALL and not EVENT_TYPE.match(v)]
     if bad:
-        raise ValueError(f"not an event type: {bad[0]!r} (letters, digits and ._:/- only, or \"*\")")
+        raise ValueError(f'not an event type: {bad[0]!r} (letters, digits and ._:/- only, or "*")')
     return list(dict.fromkeys(value))  # repeats once
 
 
@@ -357,4 +357,3 @@ async def sender_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SENDER] = sender
     yield
     await sender.close()
-

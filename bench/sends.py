@@ -428,7 +428,7 @@ async def _phases(
     row(
         f"achieved rate, a backlog of {k:,} (~{k / limit:.0f} s) at the 80/s limit",
         f"{achieved_rate:,.1f} /s",
-        f"= {achieved_rate / limit:.3f}x the limit (target within 5%; paced at 0.96x, burst 2)",
+        f"= {achieved_rate / limit:.3f}x the limit (target within 5%; paced at 0.98x)",
     )
     row(
         "  simulator: max accepted in any 1 s window",

@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     send_backoff_base: Duration = timedelta(seconds=2)  # 2, 6, 18, 54, 162 s (x3), capped
     send_backoff_cap: Duration = timedelta(minutes=5)
     send_in_doubt_wait: Duration = timedelta(seconds=60)  # wait for a status webhook before resending
-    send_rate_margin: float = Field(0.96, gt=0, le=1)  # pace a number at this share of its limit
+    send_rate_margin: float = Field(0.98, gt=0, le=1)  # pace a number at this share of its limit
 
     log_level: str = "INFO"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from domain.ratelimit import SendWindow, TokenBucket, number_bucket, number_window
+from domain.ratelimit import SendWindow, TokenBucket, number_window
 
 
 def _run(
@@ -55,23 +55,6 @@ def test_wait_reports_the_time_to_the_next_token() -> None:
     assert bucket.wait(0.25) == 0.25
 
 
-def test_a_number_keeps_its_pace_when_the_sender_wakes_late() -> None:
-    # Woken up to 10 ms late each time, a bucket of burst 1 loses the lateness; the number's
-    # bucket (burst 2) absorbs it, and still never exceeds the limit in any 1 s window.
-    plain = _run(TokenBucket(rate=80 * 0.96, burst=1), 30, late=0.010)
-    number = _run(number_bucket(80, 0.96), 30, late=0.010)
-    assert len(plain) / 30 < 0.93 * 80
-    assert len(number) / 30 >= 0.955 * 80
-    assert _max_in_window(number) <= 79
-    assert _max_in_window(_run(number_bucket(80, 0.96), 30)) <= 79  # never late: bursts of 2
-
-
-def test_a_slow_number_is_paced_one_at_a_time() -> None:
-    bucket = number_bucket(1, 0.96)
-    assert bucket.burst == 1
-    assert _max_in_window(_run(bucket, 60)) <= 1
-
-
 def test_a_bucket_taken_below_zero_waits_longer_and_is_not_refilled() -> None:
     bucket = TokenBucket(rate=2, burst=1)
     bucket.take(0)
@@ -86,7 +69,7 @@ def test_the_window_holds_requests_that_come_in_bunches() -> None:
     rng = random.Random(7)
     window = number_window(80)
     assert window.limit == 79
-    started = _run(number_bucket(80, 0.96), 20)
+    started = _run(TokenBucket(rate=80 * 0.98, burst=1), 20)
     left: list[float] = []
     bunched: list[float] = []  # when they would leave without the window
     commit_at = 100.0
