@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,7 +56,8 @@ class Services:
 @contextmanager
 def local_services(prefix: str) -> Iterator[Services]:
     """Kafka and Postgres for a test session or a benchmark: the external ones named by
-    KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL, else fresh local ones on free ports in a temp dir."""
+    KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL, else fresh local ones on free ports in a temp dir.
+    Their data (about 1 GB a session) is deleted when they stop; the logs stay."""
     started: list[KafkaBroker | LocalPostgres] = []
     root = Path(tempfile.mkdtemp(prefix=prefix))
     os.environ.setdefault("PARLEY_TEST_LOGS", str(root / "logs"))
@@ -76,6 +78,8 @@ def local_services(prefix: str) -> Iterator[Services]:
     finally:
         for svc in reversed(started):
             svc.stop()
+        for data in ("kafka", "postgres"):
+            shutil.rmtree(root / data, ignore_errors=True)
 
 
 def _database_url(base: str, name: str) -> str:
