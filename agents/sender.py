@@ -119,12 +119,12 @@ class Channels:
             channel_id = channel.id
             config = channel.config(now)
             throughput = float(config.get("throughput", 80.0))
-            fresh = TokenBucket(throughput * self.margin, 1)
-            old = self.views.get(channel_id)
-            same = old is not None and (old.bucket.rate, old.bucket.burst) == (fresh.rate, fresh.burst)
-            bucket = old.bucket if old is not None and same else fresh
+            rate = throughput * self.margin
             window = number_window(throughput)
-            if old is not None and old.window.limit == window.limit:
+            old = self.views.get(channel_id)
+            # A reload that leaves the limit as it was keeps what was spent of it.
+            bucket = old.bucket if old and old.bucket.rate == rate else TokenBucket(rate, 1)
+            if old and old.window.limit == window.limit:
                 window = old.window
             views[channel_id] = ChannelView(
                 channel_id,
