@@ -24,7 +24,7 @@ from streams.receipts import apply_receipts
 from streams.records import SCHEDULE_RECORDS, ConversationEvent
 from streams.schedules_db import read_schedules, write_schedules
 from streams.sends_db import Send, queue_sends, settle_from_receipts
-from streams.topics import partition_of
+from streams.topics import partitioner
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
@@ -195,19 +195,6 @@ async def _read_current(conn: Conn, events: Sequence[ConversationEvent]) -> dict
     threads = sorted({(e.channel_id, e.contact_id) for e in events if not isinstance(e, SCHEDULE_RECORDS)})
     rows = await conn.fetch(_LATEST, [t[0] for t in threads], [t[1] for t in threads])
     return {(r["channel_id"], r["contact_id"]): Current(_conversation(r), r["thread_seq"]) for r in rows}
-
-
-def partitioner(partitions: int) -> Callable[[str], int]:
-    """A key's partition, memoised for one batch (murmur2 in Python costs ~5 us a key)."""
-    seen: dict[str, int] = {}
-
-    def partition(key: str) -> int:
-        p = seen.get(key)
-        if p is None:
-            p = seen[key] = partition_of(key.encode(), partitions)
-        return p
-
-    return partition
 
 
 async def write_actions(conn: Conn, actions: list[Action], partition: Callable[[str], int]) -> None:

@@ -11,7 +11,7 @@ partition, so the worker that sends it picks it up at once.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,7 +21,7 @@ import orjson
 
 from streams.outgoing import Outgoing as OutboxRow
 from streams.outgoing import write_outbox
-from streams.topics import partition_of, thread_key
+from streams.topics import partition_of, partitioner, thread_key
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 SENDS_CHANNEL = "parley_sends"
@@ -163,10 +163,6 @@ ON CONFLICT DO NOTHING
 """
 
 
-def _partition(partitions: int) -> Callable[[str], int]:
-    return lambda key: partition_of(key.encode(), partitions)
-
-
 def _event(o: Outcome) -> OutboxRow:
     s = o.send
     kind = "message.sent" if o.status == "sent" else "message.failed"
@@ -235,7 +231,7 @@ async def _messages_and_events(conn: Conn, outcomes: Sequence[Outcome], partitio
             [o.at for o in sent],
         )
     final = [_event(o) for o in outcomes if o.status in ("sent", "failed")]
-    await write_outbox(conn, final, _partition(partitions))
+    await write_outbox(conn, final, partitioner(partitions))
 
 
 def _text_of(content: dict[str, Any]) -> str | None:
@@ -311,7 +307,7 @@ async def pause_channel(conn: Conn, channel_id: str, reason: str, now: datetime,
         key = f"channel:{channel_id}"
         data = orjson.dumps({"channel_id": channel_id, "reason": reason}).decode()
         row = OutboxRow(f"{key}:paused:{int(now.timestamp() * 1000)}", "channel.paused", key, data, now)
-        await write_outbox(conn, [row], _partition(partitions))
+        await write_outbox(conn, [row], partitioner(partitions))
     return True
 
 

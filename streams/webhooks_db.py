@@ -24,7 +24,7 @@ from domain.webhooks import ENDPOINT_DISABLED, subscribed
 from streams.channel_secrets import Sealer, SecretsKeyError
 from streams.outgoing import Outgoing as OutboxRow
 from streams.outgoing import write_outbox
-from streams.topics import partition_of
+from streams.topics import partitioner
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +416,7 @@ async def disable_endpoint(conn: Conn, endpoint_id: str, reason: str, now: datet
         data = orjson.dumps({"endpoint_id": endpoint_id, "reason": reason}).decode()
         event_id = f"{endpoint_id}:disabled:{int(now.timestamp() * 1000)}"
         row = OutboxRow(event_id, ENDPOINT_DISABLED, key, data, now)
-        await write_outbox(conn, [row], lambda k: partition_of(k.encode(), partitions))
+        await write_outbox(conn, [row], partitioner(partitions))
         await notify_endpoints(conn, endpoint_id)
     return True
 
