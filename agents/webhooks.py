@@ -61,6 +61,7 @@ class Endpoints:
         self.by_id: dict[str, db.Endpoint] = {}
         self.stale = True
         self.loaded_at = 0.0
+        self.version: int | None = None  # of the endpoints in by_id (streams/webhooks_db.endpoints_version)
         self.on_change: Callable[[], None] | None = None
 
     def sealer(self) -> Sealer:
@@ -77,14 +78,28 @@ class Endpoints:
         """The endpoints, fresh: reloaded if one changed, and at least every 30 s (rotated-out
         secrets stop signing on time)."""
         if self.stale or time.monotonic() - self.loaded_at > 30:
-            self.stale = False  # a NOTIFY during the load makes it stale again
-            pool = await self.pool()
-            async with pool.acquire() as conn:
-                self.by_id = await db.all_endpoints(conn, self.sealer, datetime.now(UTC))
-            self.loaded_at = time.monotonic()
-            if self.on_change is not None:
-                self.on_change()
+            async with (await self.pool()).acquire() as conn:
+                await self._load(conn)
         return self.by_id
+
+    async def for_fan_out(self, conn: db.Conn) -> dict[str, db.Endpoint]:
+        """The endpoints as of now, on the fan-out's connection. NOTIFY alone is not enough here:
+        it comes on another connection at its own pace, and the fan-out decides once. So the
+        endpoints' version counter is read first and the endpoints reloaded when it moved."""
+        version = await db.endpoints_version(conn)
+        if version != self.version or self.stale or time.monotonic() - self.loaded_at > 30:
+            await self._load(conn, version)
+        return self.by_id
+
+    async def _load(self, conn: db.Conn, version: int | None = None) -> None:
+        self.stale = False  # a NOTIFY during the load makes it stale again
+        if version is None:
+            version = await db.endpoints_version(conn)
+        self.by_id = await db.all_endpoints(conn, self.sealer, datetime.now(UTC))  # as new as version
+        self.version = version
+        self.loaded_at = time.monotonic()
+        if self.on_change is not None:
+            self.on_change()
 
 
 class Dispatcher(LaneEngine[db.Delivery]):
@@ -324,8 +339,8 @@ class WebhookAgent(LaneAgent):
             return
 
         async def store() -> list[db.Delivery]:
-            endpoints = await self.endpoints.current()
             async with (await self.pool()).acquire() as conn:
+                endpoints = await self.endpoints.for_fan_out(conn)
                 return await db.fan_out(conn, records, endpoints.values(), datetime.now(UTC))
 
         created = await retry_forever(store, f"storing deliveries of {len(records)} events")

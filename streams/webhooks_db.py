@@ -224,6 +224,14 @@ async def reseal_endpoints(conn: Conn, sealer: Sealer) -> int:
     return n
 
 
+async def endpoints_version(conn: Conn) -> int:
+    """A counter every change to an endpoint's existence, events or enabled flag bumps, in the
+    changing transaction (migration 0013): a fan-out that reads it before a batch and reloads when
+    it moved never misses an endpoint whose change committed before the event was published."""
+    version: int = await conn.fetchval("SELECT version FROM webhook_endpoints_version")
+    return version
+
+
 async def all_endpoints(conn: Conn, sealer: Callable[[], Sealer], now: datetime) -> dict[str, Endpoint]:
     """Every endpoint, as the sender needs it."""
     rows = await conn.fetch(f"SELECT {_ENDPOINT_COLUMNS} FROM webhook_endpoints")

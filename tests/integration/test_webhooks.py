@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from parley.localstack import free_port
@@ -241,6 +242,26 @@ async def test_gone_disables_the_endpoint_at_once(
     await fire(http, deployment, "test.tick")  # a marker: once the others got it, so would "gone" have
     await wait_until(lambda: _has_type(receiver, "all", "test.tick", 12), 30, "the marker elsewhere")
     assert len(receiver.at("gone")) == 1  # no attempt after the 410
+
+
+async def test_an_endpoint_changed_without_notify_gets_the_next_event(
+    http: aiohttp.ClientSession, deployment: Deployment, receiver: Receiver
+) -> None:
+    """The fan-out decides once who gets an event, so it may not trust NOTIFY alone to learn of a
+    change: here the change is plain SQL, which sends none, and the event right after still goes
+    to the endpoint (migration 0013's version counter). With NOTIFY as the only signal the cached
+    subscription, reloaded every 30 s, would keep it from this endpoint."""
+    ep = await create_endpoint(http, deployment, receiver, "unnotified", ["test.before"])
+    await fire(http, deployment, "test.before")
+    await wait_until(lambda: _count(receiver, "unnotified", 1), 30, "the first event")  # cache loaded
+    conn = await asyncpg.connect(deployment.database_url)
+    try:
+        await conn.execute("UPDATE webhook_endpoints SET events = '{test.after}' WHERE id = $1", ep["id"])
+    finally:
+        await conn.close()
+    key = await fire(http, deployment, "test.after")
+    await wait_until(lambda: _count(receiver, "unnotified", 2), 30, "the event after the SQL change")
+    assert receiver.at("unnotified")[1].event["data"]["key"] == key
 
 
 async def _has_type(receiver: Receiver, path: str, event_type: str, n: int) -> bool:
