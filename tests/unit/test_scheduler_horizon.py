@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import faust
 import pytest
 
-from agents.scheduler import Scheduler, unpack, wheel_key
+from agents.scheduler import Scheduler, pack, unpack, wheel_key
 from domain.actions import CLOSE, Arm, Disarm, due_ms
 from domain.horizon import at
 from streams.topics import partition_of
@@ -72,8 +72,8 @@ def test_a_slice_adds_rows_but_never_overrides_what_the_agent_changed_meanwhile(
     scheduler.apply([Arm("d/1", CLOSE, _in(1), "c:1")])
     # the agent moved d/2 (to 20 s, beyond the slice's target) while the slice read its old row
     wanted = {
-        b"d/2": {CLOSE: ("c:1", due_ms(_in(12)))},
-        b"d/3": {CLOSE: ("c:1", due_ms(_in(13))), "other": ("x", due_ms(_in(14)))},
+        b"d/2": pack({CLOSE: ("c:1", due_ms(_in(12)))}),
+        b"d/3": pack({CLOSE: ("c:1", due_ms(_in(13))), "other": ("x", due_ms(_in(14)))}),
     }
     touched = {wheel_key(b"d/2", CLOSE), wheel_key(b"d/3", "other")}
     changed = scheduler._merge(wanted, touched, _owned("d/1", "d/2", "d/3"), full=False)
@@ -90,7 +90,7 @@ def test_a_full_reconcile_makes_memory_equal_postgres_except_what_the_agent_chan
     scheduler.apply(
         [Arm("e/1", CLOSE, _in(1), "c:1"), Arm("e/2", CLOSE, _in(2), "c:1"), Arm("e/3", CLOSE, _in(3), "c:1")]
     )
-    wanted = {b"e/2": {CLOSE: ("c:2", due_ms(_in(4)))}, b"e/4": {CLOSE: ("c:1", due_ms(_in(5)))}}
+    wanted = {b"e/2": pack({CLOSE: ("c:2", due_ms(_in(4)))}), b"e/4": pack({CLOSE: ("c:1", due_ms(_in(5)))})}
     touched = {wheel_key(b"e/3", CLOSE)}
     scheduler._merge(wanted, touched, _owned("e/1", "e/2", "e/3", "e/4"), full=True)
     assert _held(scheduler, "e/1") == {}  # not in Postgres (before the horizon): gone
