@@ -13,6 +13,7 @@ from api import (
     dashboard,
     deadletters,
     messages,
+    openapi,
     providers_routes,
     schedules,
     webhook_endpoints,
@@ -65,6 +66,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(schedules.routes)
     app.add_routes(webhook_endpoints.routes)
     app.add_routes(messages.routes)
+    app.add_routes(openapi.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)

@@ -164,6 +164,18 @@ class Context:
 CONTEXT: web.AppKey[Context] = web.AppKey("parley_context", Context)
 
 
+BIGINT_MAX = 2**63 - 1
+
+
+def row_id(text: str) -> int:
+    """A bigint id or cursor from a path or query string; ValueError if it is not one (a number
+    past Postgres' bigint would otherwise fail in the query: a 500 instead of a 4xx)."""
+    value = int(text)
+    if not 0 <= value <= BIGINT_MAX:
+        raise ValueError(f"{text!r} is not an id")
+    return value
+
+
 def error(status: int, message: str, **extra: Any) -> web.Response:
     """A JSON error response with a human-readable reason."""
     return web.json_response({"error": message, **extra}, status=status)

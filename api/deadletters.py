@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from api.context import CONTEXT, Context, error
+from api.context import CONTEXT, Context, error, row_id
 from api.ingress import KafkaUnavailable
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     """Newest first; `?before=<id>` pages, `?limit=` (1-500)."""
     try:
         limit = int(request.query.get("limit", "50"))
-        before = int(request.query["before"]) if "before" in request.query else None
+        before = row_id(request.query["before"]) if "before" in request.query else None
     except ValueError:
         return error(400, "limit and before must be integers")
     if not 1 <= limit <= 500:
@@ -61,7 +61,7 @@ async def retry_dead_letter(request: web.Request) -> web.Response:
     """Put the parked event back on its source topic (or re-run a parked webhook body): 202."""
     ctx = request.app[CONTEXT]
     try:
-        letter_id = int(request.match_info["id"])
+        letter_id = row_id(request.match_info["id"])
     except ValueError:
         return error(404, "no such dead letter")
     letter = await ctx.store.dead_letter(letter_id)

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from agents.webhook_client import WebhookSender
-from api.context import CONTEXT, Context, error, validated_body
+from api.context import CONTEXT, Context, error, row_id, validated_body
 from channels.ssrf import check_url
 from domain.webhooks import ALL, EVENT_TYPE, PING, subscribed
 from streams import webhooks_db as db
@@ -209,7 +209,7 @@ async def test_endpoint(request: web.Request) -> web.Response:
 def _page(request: web.Request) -> tuple[int, int | None] | web.Response:
     try:
         limit = int(request.query.get("limit", "100"))
-        cursor = int(request.query["cursor"]) if request.query.get("cursor") else None
+        cursor = row_id(request.query["cursor"]) if request.query.get("cursor") else None
     except ValueError:
         return error(400, "limit and cursor must be integers")
     if not 1 <= limit <= 500:
@@ -246,7 +246,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 def _delivery_id(request: web.Request) -> int | None:
     try:
-        return int(request.match_info["id"])
+        return row_id(request.match_info["id"])
     except ValueError:
         return None
 
