@@ -13,6 +13,7 @@ from api import (
     dashboard,
     deadletters,
     messages,
+    metrics,
     openapi,
     providers_routes,
     schedules,
@@ -55,7 +56,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings) -> web.Application:
     """The API app; resources open on startup and close on cleanup."""
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[admin.require_token])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[metrics.measure, admin.require_token]
+    )
     app.add_routes(routes)
     app.add_routes(webhooks.routes)
     app.add_routes(admin.routes)
@@ -67,6 +70,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(webhook_endpoints.routes)
     app.add_routes(messages.routes)
     app.add_routes(openapi.routes)
+    app.add_routes(metrics.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)

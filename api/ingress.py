@@ -7,6 +7,7 @@ import asyncio
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from api.metrics import PRODUCE
 from streams.settings import Settings
 
 
@@ -39,18 +40,20 @@ class Ingress:
     async def send(self, topic: str, key: bytes, value: bytes) -> None:
         """Produce one record and wait for acks=all, or raise KafkaUnavailable."""
         try:
-            fut = await asyncio.wait_for(self.producer.send(topic, value=value, key=key), self.timeout)
-            await asyncio.wait_for(fut, self.timeout)
+            with PRODUCE.time():
+                fut = await asyncio.wait_for(self.producer.send(topic, value=value, key=key), self.timeout)
+                await asyncio.wait_for(fut, self.timeout)
         except (KafkaError, TimeoutError) as exc:
             raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def send_many(self, topic: str, records: list[tuple[bytes, bytes]]) -> None:
         """Produce several records (one webhook may carry many) and wait for all acks."""
         try:
-            futs = [
-                await asyncio.wait_for(self.producer.send(topic, value=v, key=k), self.timeout)
-                for k, v in records
-            ]
-            await asyncio.wait_for(asyncio.gather(*futs), self.timeout)
+            with PRODUCE.time():
+                futs = [
+                    await asyncio.wait_for(self.producer.send(topic, value=v, key=k), self.timeout)
+                    for k, v in records
+                ]
+                await asyncio.wait_for(asyncio.gather(*futs), self.timeout)
         except (KafkaError, TimeoutError) as exc:
             raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc

@@ -115,6 +115,12 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         tag="health",
     ),
     ("GET", "/"): Op("The dashboard", {200: {}}, answers="text/html", tag="console"),
+    ("GET", "/metrics"): Op(
+        "Prometheus metrics of this API process (requests, latency, produce latency, webhook rejections)",
+        {200: STR},
+        answers="text/plain",
+        tag="health",
+    ),
     ("GET", "/openapi.json"): Op("This document", {200: {"type": "object"}}, tag="docs"),
     ("GET", "/docs"): Op("This document as a page", {200: {}}, answers="text/html", tag="docs"),
     # conversations
