@@ -203,7 +203,24 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
             failure = lifecycle.failure
             return None if failure is None else f"lifecycle writer died: {type(failure).__name__}"
 
-        await serve(settings.http_host, settings.worker_metrics_port, gauges, health)
+        def lag() -> dict[tuple[str, int], int]:
+            consumer = app.consumer
+            committed: Any = getattr(consumer, "_committed_offset", {})
+            found: dict[tuple[str, int], int] = {}
+            try:
+                assigned = consumer.assignment()
+            except Exception:  # noqa: BLE001 - consumer not started yet: nothing assigned
+                return found
+            for tp in assigned:
+                try:
+                    end = consumer.highwater(tp)
+                except Exception:  # noqa: BLE001 - no fetch of it yet: end offset unknown
+                    end = None
+                if end is not None:  # none committed yet: everything in it is to be read
+                    found[(tp.topic, tp.partition)] = max(0, end - (committed.get(tp) or 0))
+            return found
+
+        await serve(settings.http_host, settings.worker_metrics_port, gauges, health, lag)
 
     app.task(metrics)
     return app, lifecycle

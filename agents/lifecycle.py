@@ -23,7 +23,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from agents import batching
+from agents import batching, metrics
 from agents.runner import apply_isolating, with_retries
 from agents.scheduler import Scheduler
 from streams.projection import BatchResult, apply_batch
@@ -94,6 +94,8 @@ class LifecycleAgent:
         self._parker: AIOKafkaProducer | None = None  # the dead-letter producer, see dead_letter
         self.failure: BaseException | None = None  # set when the writer died; /healthz says so
         self.stats = BatchStats()
+        self._batch_seconds = metrics.BATCH_SECONDS.labels("lifecycle")
+        self._event_age = metrics.EVENT_AGE_SECONDS.labels("lifecycle")
         # the relay's wake-up (agents/app.py), with the partitions written beyond this worker's own
         self.outbox_written: Callable[[set[int]], None] = lambda _: None
         # the sender in this process (agents/app.py): sends queued, handed over once committed
@@ -148,8 +150,12 @@ class LifecycleAgent:
             name="lifecycle writer",
             on_fatal=self.fatal,
             arrived=lambda message: self.stats.arrived(time.time() - message.timestamp),
-            handled=self.stats.observe,
+            handled=self._handled,
         )
+
+    def _handled(self, size: int, seconds: float) -> None:
+        self.stats.observe(size, seconds)
+        self._batch_seconds.observe(seconds)
 
     def fatal(self, exc: BaseException) -> None:
         """The writer died: report it on /healthz and stop the worker, so that it leaves the
@@ -168,6 +174,9 @@ class LifecycleAgent:
             except ValidationError as exc:
                 await self.dead_letter(message, f"undecodable event: {exc}", attempts=1)
         await apply_isolating(decoded, self._apply_and_arm, self._park)
+        now = time.time()
+        for message in batch:  # applied or parked: either way its wait is over
+            self._event_age.observe(now - message.timestamp)
 
     async def _apply_and_arm(self, items: Sequence[tuple[Any, ConversationEvent]]) -> None:
         # A lone event gets worker_retries tries before it is parked; a larger batch that fails

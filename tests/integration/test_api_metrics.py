@@ -1,5 +1,6 @@
-"""The API's /metrics on a live API: requests by route template and code, latency and produce
-histograms, and provider webhooks rejected by reason."""
+"""/metrics on a live deployment. The API's: requests by route template and code, latency and
+produce histograms, provider webhooks rejected by reason. The worker's: consumer lag per
+partition and the lifecycle agent's batch and event-age histograms."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import uuid
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.harness import Deployment, GenericChannel, message
+from streams.topics import Topics
+from tests.integration.harness import Deployment, GenericChannel, message, wait_until
+from tests.integration.worker_helpers import metrics
 
 
 async def _samples(
@@ -64,3 +67,26 @@ async def test_requests_latency_produce_and_rejections_are_counted(
     assert delta("parley_api_request_duration_seconds_count", route=route, method="POST") == 5
     assert delta("parley_api_produce_duration_seconds_count") >= 3  # one per accepted webhook
     assert not any(missing in str(labels) for _, labels in after)  # templates, never raw ids
+
+
+async def test_the_worker_shows_lag_per_partition_and_latency_histograms(
+    http: aiohttp.ClientSession, deployment: Deployment, channel: GenericChannel
+) -> None:
+    url = f"{deployment.base_url}/webhooks/generic/{channel.id}"
+    for i in range(5):
+        raw, headers = channel.signed(message(uuid.uuid4().hex, f"55119100000{i:02d}", "hi"))
+        async with http.post(url, data=raw, headers=headers) as r:
+            assert r.status == 200, await r.text()
+    topic = Topics(deployment.name).conversation_events
+
+    async def caught_up() -> dict[str, float] | None:
+        got = await metrics(http, deployment)
+        lag = {
+            k: v for k, v in got.items() if k.startswith("parley_consumer_lag{") and f'topic="{topic}"' in k
+        }
+        applied = got.get('parley_worker_event_age_seconds_count{agent="lifecycle"}', 0)
+        return got if len(lag) == 8 and sum(lag.values()) == 0 and applied >= 5 else None
+
+    got = await wait_until(caught_up, 60, "8 partitions with no lag and 5 events applied")
+    assert got['parley_worker_batch_seconds_count{agent="lifecycle"}'] >= 1
+    assert got['parley_worker_event_age_seconds_bucket{agent="lifecycle",le="+Inf"}'] >= 5

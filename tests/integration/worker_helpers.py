@@ -15,10 +15,12 @@ from tests.integration.lifecycle_helpers import Thread
 
 
 async def metrics(http: aiohttp.ClientSession, dep: Deployment) -> dict[str, float]:
-    """A worker's /metrics as numbers ({} while it does not answer yet)."""
+    """A worker's /metrics as numbers ({} while it does not answer yet); a labelled series is
+    keyed by its whole name, e.g. `parley_consumer_lag{topic="t",partition="0"}`."""
     try:
         async with http.get(f"http://127.0.0.1:{dep.metrics_port}/metrics") as r:
-            return {k: float(v) for k, v in (line.split() for line in (await r.text()).splitlines())}
+            lines = [line for line in (await r.text()).splitlines() if line and not line.startswith("#")]
+            return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines)}
     except aiohttp.ClientError:
         return {}
 

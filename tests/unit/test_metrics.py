@@ -1,4 +1,5 @@
-"""The worker's /healthz says when the worker is failing; /metrics renders gauges."""
+"""The worker's /healthz says when the worker is failing; /metrics renders gauges, the lag per
+partition and the latency histograms."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ async def test_healthz_is_503_with_the_reason_while_the_worker_is_failing() -> N
     problem: list[str] = []
     port = free_port()
     runner = await serve(
-        "127.0.0.1", port, lambda: {"parley_x": 1.0}, lambda: problem[0] if problem else None
+        "127.0.0.1",
+        port,
+        lambda: {"parley_x": 1.0},
+        lambda: problem[0] if problem else None,
+        lambda: {("t.conversation-events", 3): 7},
     )
     try:
         async with aiohttp.ClientSession() as http:
@@ -26,7 +31,10 @@ async def test_healthz_is_503_with_the_reason_while_the_worker_is_failing() -> N
                     "reason": "lifecycle writer died: RuntimeError",
                 }
             async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
-                assert await r.text() == "parley_x 1\n"
+                text = await r.text()
+            assert text.startswith("parley_x 1\n")
+            assert 'parley_consumer_lag{partition="3",topic="t.conversation-events"} 7.0\n' in text
+            assert "# TYPE parley_worker_batch_seconds histogram" in text
     finally:
         await runner.cleanup()
 
