@@ -327,9 +327,11 @@ def _run_stack(
             proc = subprocess.Popen([*exe, part], env=env, start_new_session=True, preexec_fn=die_with_parent)
             children.append((part, proc))
         procs = [p for _, p in children]
-        _wait_ready(f"{base}/readyz", procs, timeout=120)
+        # The worker first: once it holds its partitions, the API's first readiness check finds
+        # it ready (no "worker not ready" warning for a start-up that is going fine).
         metrics = f"http://{settings.http_host}:{settings.worker_metrics_port}/metrics"
         _wait_ready(metrics, procs, timeout=120, ok=_worker_loaded)
+        _wait_ready(f"{base}/readyz", procs, timeout=120)
         if sandbox:
             _register_sandbox(base, env["PARLEY_ADMIN_TOKEN"], number, simulator)
             print(
