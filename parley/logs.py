@@ -57,9 +57,15 @@ def _library_dirs() -> tuple[str, ...]:
     # Located without importing them (the API process never imports Faust).
     dirs = []
     for name in sorted(LIBRARIES):
-        spec = importlib.util.find_spec(name)
-        for location in (spec.submodule_search_locations or []) if spec else []:
-            dirs.append(os.path.join(location, ""))
+        # Imported already: its __path__ (faust replaces its module by one whose __spec__ is None).
+        locations = getattr(sys.modules.get(name), "__path__", None)
+        if locations is None:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+            locations = (spec.submodule_search_locations or []) if spec else []
+        dirs += [os.path.join(location, "") for location in locations]
     return tuple(dirs)
 
 
