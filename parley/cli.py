@@ -44,7 +44,12 @@ async def _prepare(settings: Settings) -> None:
     finally:
         await pool.close()
     await ensure_topics(settings)
-    log.info("schema ready (%d migration(s) applied), topics ready", len(applied))
+    # Every process does this at start: only a migration applied is news at INFO.
+    log.log(
+        logging.INFO if applied else logging.DEBUG,
+        "schema ready (%d migration(s) applied), topics ready",
+        len(applied),
+    )
 
 
 def cmd_migrate(settings: Settings) -> int:

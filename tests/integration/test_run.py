@@ -188,8 +188,11 @@ def test_run_starts_everything_and_ctrl_c_leaves_nothing_behind() -> None:
     # The data dir's parent (0700 from mkdtemp) was not opened up: at most `parley` may traverse it.
     assert _effective_access(data.parent) == {"others": 0, "group": 0, "users": _only_parley(data.parent)}
 
-    proc, _ = _start(data, ports, log)  # a second run finds yesterday's data
+    proc, out = _start(data, ports, log)  # a second run finds yesterday's data
     try:
+        _start_up_is_short(out)
+        # No migration to apply this time: at most a dozen lines before the banner (8 here).
+        assert len(out[: out.index("Parley is ready.")].strip().splitlines()) <= 12, out
         req = urllib.request.Request(
             f"http://127.0.0.1:{ports['http']}/v1/channels",
             headers={"Authorization": f"Bearer {token}"},
