@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 KAFKA_STAMP := deploy/kafka/libs/.fetched-stamp
 
-.PHONY: run sandbox test lint unit bench clean setup kafka
+.PHONY: run sandbox status test lint unit bench clean setup kafka
 
 setup: $(STAMP) $(KAFKA_STAMP)
 
@@ -26,6 +26,10 @@ $(KAFKA_STAMP): deploy/kafka/pom.xml
 
 run: setup
 	$(BIN)/parley run
+
+# Readiness, consumer lag and counts of the stack `make run` started (exit 1 when not ready).
+status: $(STAMP)
+	$(BIN)/parley status
 
 # `make run` plus the provider simulator and a `sandbox` WhatsApp channel that sends to it.
 sandbox: setup

@@ -188,12 +188,12 @@ async def _drain_messages(self: Consumer, fetcher: ServiceT) -> None:
             self.diag.unset_flag(CONSUMER_FETCHING)
     except self.consumer_stopped_errors:
         if self.transport.app.should_stop:
-            log.info("Broker stopped consumer, shutting down...")
+            log.debug("Broker stopped consumer, shutting down...")  # Faust's own line, at DEBUG like theirs
             return
         raise
     except asyncio.CancelledError:
         if self.transport.app.should_stop:
-            log.info("Consumer shutting down for user cancel.")
+            log.debug("Consumer shutting down for user cancel.")
             return
         raise
     except Exception as exc:

@@ -95,7 +95,9 @@ class LedgerPruner:
         n, published = await prune(await self.pool(), cut)
         self.pruned_total += n
         self.outbox_pruned_total += published
-        log.info(
+        # A round that deleted nothing is not news at INFO (it runs at start and every interval).
+        log.log(
+            logging.INFO if n or published else logging.DEBUG,
             "ledger: pruned %d processed_events and %d published outbox rows older than %s",
             n,
             published,

@@ -208,7 +208,13 @@ class LifecycleAgent:
         """Park one record (a Faust Message) on the dead-letter topic and wait for Kafka's ack."""
         key = msg.key.decode(errors="replace") if msg.key else None
         log.error(
-            "lifecycle: dead-lettering %s[%d]@%d key=%s: %s", msg.topic, msg.partition, msg.offset, key, error
+            "lifecycle: dead-lettering %s[%d]@%d key=%s: %s",
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            key,
+            error,
+            extra={"thread_key": key},
         )
         letter = DeadLetter.bounded(
             source_topic=msg.topic,

@@ -276,7 +276,15 @@ class Sender(LaneEngine[db.Send]):
                     self.lanes.finish_head(key)
                     return
                 self.resends_in_doubt += 1
-                log.warning("sender: %s still in doubt after %.0fs; sending again", s.id, self.in_doubt_wait)
+                log.warning(
+                    "sender: %s still in doubt after %.0fs; sending again",
+                    s.id,
+                    self.in_doubt_wait,
+                    extra={
+                        "conversation_id": s.conversation_id,
+                        "thread_key": f"{s.channel_id}/{s.contact_id}",
+                    },
+                )
                 s = replace(s, status="queued")
             await self._send(key, s, view, slot)
         finally:
@@ -337,6 +345,7 @@ class Sender(LaneEngine[db.Send]):
                 s.contact_id,
                 r.code,
                 done.error_title,
+                extra={"conversation_id": s.conversation_id, "thread_key": f"{s.channel_id}/{s.contact_id}"},
             )
             if self.park is not None:
                 await self.park(s, f"send failed: {r.code}: {done.error_title}")

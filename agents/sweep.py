@@ -138,7 +138,9 @@ class Sweep:
         self.runs += 1
         self.refired_total += refired
         self.skipped_total += skipped
-        log.info(
+        # A sweep that found nothing overdue is not news at INFO (it runs every minute).
+        log.log(
+            logging.INFO if refired or skipped or lagging else logging.DEBUG,
             "sweep: re-fired %d overdue actions on partitions %s; %d overdue left for later (partitions"
             " behind: %s)%s",
             refired,

@@ -221,7 +221,14 @@ class Dispatcher(LaneEngine[db.Delivery]):
                 self.delivered += 1
             else:
                 self.failed_attempts += 1
-                log.info("webhooks: %s to %s attempt %d failed: %s", d.event_id, ep.id, attempt, sent.error)
+                log.info(
+                    "webhooks: %s to %s attempt %d failed: %s",
+                    d.event_id,
+                    ep.id,
+                    attempt,
+                    sent.error,
+                    extra={"event_id": d.event_id},
+                )
             self._advance(key, replace(d, attempts=attempt, next_attempt_at=step.at), step)
         finally:
             self.busy.pop(key, None)

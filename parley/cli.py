@@ -14,19 +14,23 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streams.channel_secrets import Sealer, SecretsKeyError
 from streams.settings import Settings
+
+if TYPE_CHECKING:
+    from parley.localstack import KafkaBroker, LocalPostgres
 
 log = logging.getLogger("parley")
 
 
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from parley.logs import configure
+
+    configure(settings.log_level, settings.log_format)
 
 
 async def _prepare(settings: Settings) -> None:
@@ -40,7 +44,12 @@ async def _prepare(settings: Settings) -> None:
     finally:
         await pool.close()
     await ensure_topics(settings)
-    log.info("schema ready (%d migration(s) applied), topics ready", len(applied))
+    # Every process does this at start: only a migration applied is news at INFO.
+    log.log(
+        logging.INFO if applied else logging.DEBUG,
+        "schema ready (%d migration(s) applied), topics ready",
+        len(applied),
+    )
 
 
 def cmd_migrate(settings: Settings) -> int:
@@ -81,7 +90,9 @@ def cmd_worker(settings: Settings) -> int:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     app, lifecycle = create_app(settings)
-    worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True)
+    # override_logging=False: the worker keeps Parley's handler (parley/logs.py: text or JSON, and
+    # Faust's start-up tables at DEBUG) instead of Faust's own.
+    worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True, override_logging=False)
     # Faust's terminal spinner sets the root logger to DEBUG (to spin on every record) whenever the
     # level is WARNING or above: every debug call in Faust and aiokafka then builds a LogRecord,
     # 13% of the worker's CPU in a profile. A service has no terminal to spin on.
@@ -140,7 +151,13 @@ def cmd_gen_secrets_key(settings: Settings) -> int:
     return 0
 
 
-def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+def _wait_ready(
+    url: str,
+    procs: list[subprocess.Popen[bytes]],
+    timeout: float,
+    ok: Callable[[bytes], bool] = lambda _body: True,
+) -> None:
+    """Until url answers 200 with a body ok() accepts; fail if a child exits meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
@@ -148,12 +165,23 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float) 
                 raise RuntimeError(f"{p.args!r} exited with {p.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own loopback URL
-                if resp.status == 200:
+                if resp.status == 200 and ok(resp.read()):
                     return
         except OSError:
             pass
         time.sleep(0.5)  # polling an HTTP endpoint: there is nothing to await across processes
     raise RuntimeError(f"{url} not ready within {timeout}s")
+
+
+def _worker_loaded(metrics: bytes) -> bool:
+    """The worker's /metrics say it holds partitions and its scheduler has loaded their timers:
+    its start-up lines are written, so the ready banner comes after them."""
+    from parley.status import parse_metrics
+
+    values = parse_metrics(metrics.decode(errors="replace"))
+    return (
+        values.get("parley_partitions_assigned", 0) > 0 and values.get("parley_timers_loaded_until_ms", 0) > 0
+    )
 
 
 SANDBOX_CHANNEL = "sandbox"
@@ -202,40 +230,70 @@ def cmd_sandbox(settings: Settings) -> int:
     return cmd_run(settings, sandbox=True)
 
 
+# How each part of `parley run` exits when it stopped cleanly after our signal: Kafka's JVM runs
+# its shutdown hooks on SIGTERM (a controlled shutdown) and then exits 128+15.
+CLEAN_EXIT = {"Kafka": {0, 143}}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stop(BaseException):
+    """A stop signal reached `parley run` (BaseException: no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.name = signal.Signals(signum).name
+
+
 def cmd_run(settings: Settings, sandbox: bool = False) -> int:
     """Start broker, Postgres, worker and API on embedded defaults; Ctrl-C stops them all.
 
     The worker and the API run in their own sessions, so a terminal's Ctrl-C (SIGINT to the
     foreground process group) reaches `parley run` alone, which then sends each child exactly one
-    SIGTERM and reports how each exited.
+    SIGTERM and reports how they exited in one line. SIGINT, SIGTERM (a container's stop) and SIGHUP
+    (the terminal closed) all stop the same way: exit code 0 when every part stopped cleanly.
     """
+    services: list[tuple[str, KafkaBroker | LocalPostgres]] = []
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    outcome: dict[str, str] = {}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise _Stop(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
+    code = 1
+    try:
+        code = _run_stack(settings, sandbox, services, children, outcome)
+    finally:
+        clean = _stop_stack(services, children, outcome)
+    return code if clean else 1
+
+
+def _run_stack(
+    settings: Settings,
+    sandbox: bool,
+    services: list[tuple[str, KafkaBroker | LocalPostgres]],
+    children: list[tuple[str, subprocess.Popen[bytes]]],
+    outcome: dict[str, str],
+) -> int:
+    """Start everything, print the banner, supervise until a stop signal (0) or a child's exit (1)."""
     from parley.localstack import KafkaBroker, LocalPostgres, die_with_parent, redact_dsn, secret_file
 
     data = settings.data_dir.resolve()
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     env = dict(os.environ)
-    services: list[tuple[str, KafkaBroker | LocalPostgres]] = []
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
-    stopping = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
     try:
         if not settings.database_url:
             pg = LocalPostgres(data / "postgres", settings.postgres_port)
             print(f"starting PostgreSQL on 127.0.0.1:{pg.port} ...", flush=True)
+            services.append(("Postgres", pg))  # before start(): a signal meanwhile still stops it
             pg.start()
-            services.append(("Postgres", pg))
             env["DATABASE_URL"] = pg.url
         if not settings.kafka_bootstrap_servers:
             kafka = KafkaBroker(data / "kafka", settings.kafka_port)
             print(f"starting Kafka on {kafka.bootstrap} ...", flush=True)
-            kafka.start()
             services.append(("Kafka", kafka))
+            kafka.start()
             env["KAFKA_BOOTSTRAP_SERVERS"] = kafka.bootstrap
         if not settings.admin_token:
             env["PARLEY_ADMIN_TOKEN"] = secret_file(data / "admin-token", lambda: secrets.token_urlsafe(24))
@@ -273,7 +331,12 @@ def cmd_run(settings: Settings, sandbox: bool = False) -> int:
             # die_with_parent: even if `parley run` is killed -9, its children follow it.
             proc = subprocess.Popen([*exe, part], env=env, start_new_session=True, preexec_fn=die_with_parent)
             children.append((part, proc))
-        _wait_ready(f"{base}/readyz", [p for _, p in children], timeout=120)
+        procs = [p for _, p in children]
+        # The worker first: once it holds its partitions, the API's first readiness check finds
+        # it ready (no "worker not ready" warning for a start-up that is going fine).
+        metrics = f"http://{settings.http_host}:{settings.worker_metrics_port}/metrics"
+        _wait_ready(metrics, procs, timeout=120, ok=_worker_loaded)
+        _wait_ready(f"{base}/readyz", procs, timeout=120)
         if sandbox:
             _register_sandbox(base, env["PARLEY_ADMIN_TOKEN"], number, simulator)
             print(
@@ -292,6 +355,7 @@ def cmd_run(settings: Settings, sandbox: bool = False) -> int:
             f"  (Authorization: Bearer {env['PARLEY_ADMIN_TOKEN']})\n"
             f"  webhooks:   {base}/webhooks/generic/<channel_id>\n"
             f"  health:     {base}/healthz  {base}/readyz\n"
+            f"  status:     parley status\n"
             f"  Kafka:      {env['KAFKA_BOOTSTRAP_SERVERS']}\n"
             f"  Postgres:   {redact_dsn(env['DATABASE_URL'])}\n"
             "Ctrl-C stops everything.",
@@ -299,31 +363,49 @@ def cmd_run(settings: Settings, sandbox: bool = False) -> int:
         )
         while all(c.poll() is None for _, c in children):
             time.sleep(0.5)  # supervising children: wake up to notice one died
-        log.error("a child exited; stopping the stack")
+        dead = ", ".join(f"{name} (exit {c.returncode})" for name, c in children if c.poll() is not None)
+        log.error("%s exited on its own; stopping the stack", dead)
+        outcome["failure"] = dead
         return 1
-    except KeyboardInterrupt:
-        stopping = True
-        print("\nstopping ...", flush=True)
+    except _Stop as stop:
+        outcome["stopped_by"] = stop.name
+        print(f"\n{stop.name}: stopping ...", flush=True)
         return 0
-    finally:
-        # A second Ctrl-C while stopping must not cut the children's clean-up short.
-        signal.signal(signal.SIGINT, lambda *_: print("still stopping ...", flush=True))
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _stop_children(children)
-        for name, service in reversed(services):
-            service.stop()
-            if service.proc is not None:
-                print(f"{name} (pid {service.proc.pid}) exited with {service.proc.returncode}", flush=True)
-        if stopping:
-            print("stopped.", flush=True)
 
 
-def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]], timeout: float = 30) -> None:
-    """One SIGTERM to each child still running, all at once, then wait; kill what does not stop."""
+def _stop_stack(
+    services: list[tuple[str, KafkaBroker | LocalPostgres]],
+    children: list[tuple[str, subprocess.Popen[bytes]]],
+    outcome: dict[str, str],
+) -> bool:
+    """Stop the children, then Kafka and Postgres; print one summary line; True if all stopped cleanly."""
+    started = time.monotonic()
+    # A second Ctrl-C while stopping must not cut the children's clean-up short.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: print("still stopping ...", flush=True))
+    codes = _stop_children(children)
+    for name, service in reversed(services):
+        service.stop()
+        if service.proc is not None:
+            codes.append((name, service.proc.returncode))
+    ok = {name: code in CLEAN_EXIT.get(name, {0}) for name, code in codes}
+    parts = ", ".join(f"{name} ok" if ok[name] else f"{name} exited with {code}" for name, code in codes)
+    how = f"on {outcome['stopped_by']}" if "stopped_by" in outcome else "after a failure"
+    elapsed = time.monotonic() - started
+    print(f"Parley stopped {how} in {elapsed:.1f} s: {parts or 'nothing was running'}.", flush=True)
+    return all(ok.values())
+
+
+def _stop_children(
+    children: list[tuple[str, subprocess.Popen[bytes]]], timeout: float = 30
+) -> list[tuple[str, int | None]]:
+    """One SIGTERM to each child still running, all at once, then wait; kill what does not stop.
+    Returns each child's exit code (a negative one: killed by that signal)."""
     for _, child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
+    codes: list[tuple[str, int | None]] = []
     for name, child in children:
         try:
             code = child.wait(max(0.1, deadline - time.monotonic()))
@@ -331,7 +413,8 @@ def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]], timeout:
             child.kill()
             code = child.wait()
             print(f"{name} (pid {child.pid}) did not stop within {timeout:.0f}s: killed", flush=True)
-        print(f"{name} (pid {child.pid}) exited with {code}", flush=True)
+        codes.append((name, code))
+    return codes
 
 
 def cmd_replay(settings: Settings, since: str | None, conversation: str | None, dry_run: bool = False) -> int:
@@ -395,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         help="seal channel secrets stored in clear and re-encrypt all under the first PARLEY_SECRETS_KEY",
     )
     sub.add_parser("gen-secrets-key", help="print a new key for PARLEY_SECRETS_KEY")
+    st = sub.add_parser("status", help="readiness, consumer lag and counts of a running deployment")
+    st.add_argument("--json", action="store_true", help="print the same as one JSON document")
     rp = sub.add_parser("replay", help="re-project Postgres from the retained topic")
     rp.add_argument("--since", help="ISO-8601 time with timezone; default: from the beginning")
     rp.add_argument("--conversation", help="rebuild only this conversation's thread")
@@ -402,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings()
     _logging(settings)
+    if args.command == "status":
+        from parley.status import cmd_status
+
+        return cmd_status(settings, args.json)
     if args.command == "replay":
         return cmd_replay(settings, args.since, args.conversation, args.dry_run)
     return COMMANDS[args.command](settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     send_rate_margin: float = Field(0.98, gt=0, le=1)  # pace a number at this share of its limit
 
     log_level: str = "INFO"
+    # text: "time LEVEL logger: message"; json: one object per line (parley/logs.py)
+    log_format: Literal["text", "json"] = "text"
 
     def retry_schedule(self) -> tuple[float, ...]:
         """PARLEY_WEBHOOK_RETRY_SCHEDULE as seconds; ValueError if malformed or empty."""

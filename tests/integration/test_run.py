@@ -1,5 +1,7 @@
-"""`parley run`: the whole local stack from one command; Ctrl-C leaves nothing behind; a second
-run finds the first run's data; secrets on disk are 0600 and never printed."""
+"""`parley run`: the whole local stack from one command, a short start-up with the ready banner
+last; Ctrl-C (and a container's SIGTERM) stops it with exit code 0, one summary line and nothing
+left behind; `parley status` next to it needs no settings; a second run finds the first run's
+data; secrets on disk are 0600 and never printed."""
 
 from __future__ import annotations
 
@@ -78,16 +80,69 @@ def _descendants_alive(pids: list[int]) -> list[int]:
     return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
-def _ctrl_c(proc: subprocess.Popen[bytes], log: Path) -> tuple[list[int], str]:
-    """SIGINT to the whole foreground process group, as a terminal's Ctrl-C does."""
+def _stop(
+    proc: subprocess.Popen[bytes], log: Path, sig: signal.Signals, *, group: bool
+) -> tuple[list[int], str]:
+    """Send sig to the whole foreground process group (a terminal's Ctrl-C) or to `parley run`
+    alone (a container runtime's stop); it must exit 0 and leave no descendant behind."""
     children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     assert len(children) >= 4, "broker, Postgres, worker and API run as children"
-    os.killpg(proc.pid, signal.SIGINT)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     assert proc.wait(timeout=90) == 0, log.read_text(errors="replace")[-5000:]
     deadline = time.monotonic() + 30
     while _descendants_alive(children) and time.monotonic() < deadline:
         time.sleep(0.2)  # processes exit asynchronously; poll the process table
     return _descendants_alive(children), log.read_text(errors="replace")
+
+
+def _ctrl_c(proc: subprocess.Popen[bytes], log: Path) -> tuple[list[int], str]:
+    """SIGINT to the whole foreground process group, as a terminal's Ctrl-C does."""
+    return _stop(proc, log, signal.SIGINT, group=True)
+
+
+def _summary(out: str, sig: str) -> None:
+    """The stop ends with one line saying how every part exited; nothing follows it."""
+    last = out.rstrip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"Parley stopped on {sig} in \d+\.\d s: worker ok, api ok, Kafka ok, Postgres ok\.", last
+    ), out[-5000:]
+
+
+def _start_up_is_short(out: str) -> None:
+    """Faust's banners and tables are DEBUG: the start-up is Parley's own lines, the banner last."""
+    for noise in ("Topic Partition Set", "Starting...", "[^Worker]", "Subscription", "Highwater"):
+        assert noise not in out, f"{noise!r} in the start-up output:\n{out[-5000:]}"
+    banner = out.index("Parley is ready.")
+    assert "scheduler: index rebuilt" in out[:banner], out[-5000:]  # the worker's start-up came first
+    assert out.rstrip().endswith("Ctrl-C stops everything."), out[-5000:]
+    assert len(out.splitlines()) <= 60, out  # short: about 40 lines on a fresh data dir
+
+
+def _status(data: Path, ports: dict[str, int]) -> tuple[int, str]:
+    """`parley status` with only the ports and data dir `parley run` was given."""
+    env = {k: v for k, v in os.environ.items() if k not in {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"}}
+    env.pop("PARLEY_ADMIN_TOKEN", None)
+    env.update(
+        {
+            "PARLEY_DATA_DIR": str(data),
+            "PARLEY_KAFKA_PORT": str(ports["kafka"]),
+            "PARLEY_POSTGRES_PORT": str(ports["pg"]),
+            "PARLEY_HTTP_PORT": str(ports["http"]),
+            "PARLEY_WORKER_METRICS_PORT": str(ports["metrics"]),
+        }
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "parley.cli", "status"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout + done.stderr
 
 
 def test_run_starts_everything_and_ctrl_c_leaves_nothing_behind() -> None:
@@ -96,6 +151,7 @@ def test_run_starts_everything_and_ctrl_c_leaves_nothing_behind() -> None:
     log = data.parent / "run.log"
     proc, out = _start(data, ports, log)
     try:
+        _start_up_is_short(out)
         base = f"http://127.0.0.1:{ports['http']}"
         assert f"{base}/" in out and "Bearer " in out
         token = (data / "admin-token").read_text().strip()
@@ -109,12 +165,16 @@ def test_run_starts_everything_and_ctrl_c_leaves_nothing_behind() -> None:
         )
         with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
             assert r.status == 201
+        code, status = _status(data, ports)
+        assert code == 0, status
+        assert "ready:          yes  (api ok, postgres ok, kafka ok, worker ok" in status, status
+        assert re.search(r"^  parley\.conversation-events +\d+ +\(8 partitions", status, re.M), status
+        assert "conversations:  none" in status and "unavailable" not in status, status
     finally:
         left, out = _ctrl_c(proc, log)
     assert left == [], f"processes left behind: {left}"
-    # Every Parley child got one signal, cleaned up and exited 0; `parley run` says so.
-    assert re.search(r"worker \(pid \d+\) exited with 0", out), out[-5000:]
-    assert re.search(r"api \(pid \d+\) exited with 0", out), out[-5000:]
+    # Every Parley child got one signal, cleaned up and exited 0; `parley run` says so in one line.
+    _summary(out, "SIGINT")
     assert "api stopped: Kafka producer flushed and closed" in out, out[-5000:]
     assert "worker stopped: Faust app stopped" in out, out[-5000:]
     assert "Traceback" not in out, out[-5000:]
@@ -128,8 +188,11 @@ def test_run_starts_everything_and_ctrl_c_leaves_nothing_behind() -> None:
     # The data dir's parent (0700 from mkdtemp) was not opened up: at most `parley` may traverse it.
     assert _effective_access(data.parent) == {"others": 0, "group": 0, "users": _only_parley(data.parent)}
 
-    proc, _ = _start(data, ports, log)  # a second run finds yesterday's data
+    proc, out = _start(data, ports, log)  # a second run finds yesterday's data
     try:
+        _start_up_is_short(out)
+        # No migration to apply this time: at most a dozen lines before the banner (8 here).
+        assert len(out[: out.index("Parley is ready.")].strip().splitlines()) <= 12, out
         req = urllib.request.Request(
             f"http://127.0.0.1:{ports['http']}/v1/channels",
             headers={"Authorization": f"Bearer {token}"},
@@ -137,5 +200,37 @@ def test_run_starts_everything_and_ctrl_c_leaves_nothing_behind() -> None:
         with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
             assert b'"kept"' in r.read()
     finally:
-        left, _ = _ctrl_c(proc, log)
+        # A container runtime's stop: SIGTERM to `parley run` alone (PID 1), not to a group.
+        left, out = _stop(proc, log, signal.SIGTERM, group=False)
     assert left == []
+    _summary(out, "SIGTERM")
+    assert "Traceback" not in out, out[-5000:]
+    code, status = _status(data, ports)  # nothing runs now: not ready, and it says why
+    assert code == 1 and "ready:          NO" in status and "api unreachable" in status, status
+
+
+def test_run_stops_everything_and_exits_1_when_a_child_dies() -> None:
+    data = Path(tempfile.mkdtemp(prefix="parley-run-")) / "data"
+    ports = {name: free_port() for name in ("kafka", "pg", "http", "metrics")}
+    log = data.parent / "run.log"
+    proc, _ = _start(data, ports, log)
+    try:
+        children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        [worker] = [c for c in psutil.Process(proc.pid).children() if c.cmdline()[-1:] == ["worker"]]
+        worker.kill()  # kill -9: the supervisor notices, stops the rest and says so
+        assert proc.wait(timeout=90) == 1
+    finally:
+        if proc.poll() is None:
+            _ctrl_c(proc, log)
+    out = log.read_text(errors="replace")
+    assert "ERROR parley: worker (exit -9) exited on its own; stopping the stack" in out, out[-5000:]
+    last = out.rstrip().splitlines()[-1]
+    assert re.fullmatch(
+        r"Parley stopped after a failure in \d+\.\d s: "
+        r"worker exited with -9, api ok, Kafka ok, Postgres ok\.",
+        last,
+    ), out[-5000:]
+    deadline = time.monotonic() + 30
+    while _descendants_alive(children) and time.monotonic() < deadline:
+        time.sleep(0.2)  # processes exit asynchronously; poll the process table
+    assert _descendants_alive(children) == []
