@@ -9,6 +9,7 @@ import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from parley.status import parse_metrics
 from streams.topics import Topics
 from tests.integration.harness import Deployment, wait_until
 from tests.integration.lifecycle_helpers import Thread
@@ -19,8 +20,7 @@ async def metrics(http: aiohttp.ClientSession, dep: Deployment) -> dict[str, flo
     keyed by its whole name, e.g. `parley_consumer_lag{topic="t",partition="0"}`."""
     try:
         async with http.get(f"http://127.0.0.1:{dep.metrics_port}/metrics") as r:
-            lines = [line for line in (await r.text()).splitlines() if line and not line.startswith("#")]
-            return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines)}
+            return parse_metrics(await r.text())
     except aiohttp.ClientError:
         return {}
 
