@@ -13,6 +13,7 @@ from agents.ledger import LedgerPruner
 from agents.lifecycle import LifecycleAgent
 from agents.metrics import serve
 from agents.outbox import OutboxRelay
+from agents.pause import PauseSwitch
 from agents.sender import SendAgent
 from agents.sweep import Sweep
 from agents.webhooks import WebhookAgent
@@ -155,6 +156,11 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     sending.register()
     sender = sending.sender
     lifecycle.sends_queued = sender.take_local
+    switch = PauseSwitch(settings.database_url)
+    switch.add("lifecycle", lifecycle.intake)
+    switch.add("webhooks", webhooks.intake, dispatcher)
+    switch.add("sender", sending.intake, sender)
+    app.task(switch.run)
 
     async def stop_relay(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         await outbox.stop()
@@ -197,6 +203,8 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_sends_resent_after_doubt_total": sender.resends_in_doubt,
                 "parley_sends_pending": sender.pending,
                 "parley_sends_taken_in_process_total": sender.taken_local,
+                "parley_lifecycle_intake_pending": len(lifecycle.intake.pending),
+                **{f'parley_paused{{part="{part}"}}': int(part in switch.paused) for part in switch.parts},
             }
 
         def health() -> str | None:

@@ -15,6 +15,7 @@ from api import (
     messages,
     metrics,
     openapi,
+    pause,
     providers_routes,
     schedules,
     webhook_endpoints,
@@ -71,6 +72,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(messages.routes)
     app.add_routes(openapi.routes)
     app.add_routes(metrics.routes)
+    app.add_routes(pause.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)

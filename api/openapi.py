@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from api.admin import ACCEPT_IN, CLOSE_IN
 from api.channels import CHANNEL_PATCH
 from api.messages import CHANNEL_SEND_IN
+from api.pause import PAUSE_IN
 from api.schedules import MAX_BATCH, ResultIn, ScheduleIn
 from api.webhook_endpoints import ENDPOINT_IN, ENDPOINT_PATCH, REPLAY_IN
 from channels.config import CHANNEL_IN, GenericWebhook
@@ -63,6 +64,7 @@ ENDPOINT = obj("id", "url", "events", "enabled", id=STR, url=STR, events={"type"
 CREATED_ENDPOINT = obj("id", "url", "events", "secret", id=STR, secret=STR)
 DELIVERY = obj("id", "status", "attempts", id=INT, status=STR, attempts=INT)
 HEALTH = obj("status", status=STR)
+PAUSED = obj("paused", paused={"type": "object", "additionalProperties": STR})
 READY = obj("ready", "checks", ready=BOOL, checks={"type": "object"})
 
 
@@ -123,6 +125,22 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ),
     ("GET", "/openapi.json"): Op("This document", {200: {"type": "object"}}, tag="docs"),
     ("GET", "/docs"): Op("This document as a page", {200: {}}, answers="text/html", tag="docs"),
+    # the emergency switch
+    ("POST", "/v1/admin/pause"): Op(
+        "Pause the lifecycle agent, the sender, the webhooks or all, on every worker, until resumed",
+        {200: PAUSED},
+        errors=BODY_ERRORS,
+        body=_model("PauseIn", PAUSE_IN),
+        tag="operations",
+    ),
+    ("POST", "/v1/admin/resume"): Op(
+        "Resume a paused part",
+        {200: PAUSED},
+        errors=BODY_ERRORS,
+        body=_model("PauseIn", PAUSE_IN),
+        tag="operations",
+    ),
+    ("GET", "/v1/admin/paused"): Op("What is paused, and since when", {200: PAUSED}, tag="operations"),
     # conversations
     ("GET", "/v1/conversations"): Op(
         "A page of conversations, newest first",
