@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import faust
@@ -130,7 +131,11 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
         max_refires=settings.sweep_max_refires,
     )
     pruner = LedgerPruner(
-        lifecycle.pool, settings.topic_retention, settings.ledger_prune_margin, settings.ledger_prune_interval
+        lifecycle.pool,
+        settings.topic_retention,
+        settings.ledger_prune_margin,
+        settings.ledger_prune_interval,
+        None if settings.retention_days is None else timedelta(days=settings.retention_days),
     )
     app.task(lifecycle.scheduler.run)
     app.task(lifecycle.scheduler.load_ahead)
@@ -189,6 +194,7 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_sweep_skipped_total": sweep.skipped_total,
                 "parley_ledger_pruned_total": pruner.pruned_total,
                 "parley_outbox_pruned_total": pruner.outbox_pruned_total,
+                "parley_retention_conversations_deleted_total": pruner.expired_total,
                 "parley_outbox_published_total": outbox.published,
                 "parley_webhook_deliveries_created_total": webhooks.fanned_out,
                 "parley_webhook_delivered_total": dispatcher.delivered,
