@@ -184,9 +184,9 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_timers_repaired_total": lifecycle.scheduler.repaired,
                 "parley_timers_dropped_total": lifecycle.scheduler.dropped,
                 "parley_timers_loaded_total": lifecycle.scheduler.loaded,
-                # every owned action due before this (ms since epoch) is in memory; 0: not loaded yet
-                "parley_timers_loaded_until_ms": lifecycle.scheduler.horizon.loaded_until,
-                "parley_timer_lateness_p99_ms": lateness[int(0.99 * (len(lateness) - 1))],
+                # every owned action due before this (s since epoch) is in memory; 0: not loaded yet
+                "parley_timers_loaded_until_seconds": lifecycle.scheduler.horizon.loaded_until / 1000,
+                "parley_timer_lateness_p99_seconds": lateness[int(0.99 * (len(lateness) - 1))] / 1000,
                 "parley_sweep_runs_total": sweep.runs,
                 "parley_sweep_refired_total": sweep.refired_total,
                 "parley_lifecycle_parking_failures_total": lifecycle.parking_failures,

@@ -7,7 +7,7 @@ distributions of due times (each in its own fresh deployment and database):
   within it and in memory (what every pending action cost before the horizon).
 
 Nothing comes due during the bench. "Hold" is the worker's first load done (every owned action
-due before its horizon in memory, parley_timers_loaded_until_ms > 0), timed from the process
+due before its horizon in memory, parley_timers_loaded_until_seconds > 0), timed from the process
 start, first with the actions in Postgres alone, then after a graceful restart. Memory per pending
 action is (worker RSS holding them - RSS of the same worker with nothing pending) / n: RSS, all
 in (allocator slack and the load's transient buffers included), not a heap count."""
@@ -99,7 +99,7 @@ async def _time_to_hold(http: aiohttp.ClientSession, dep: Deployment) -> tuple[f
 
     async def loaded() -> dict[str, float] | None:
         got = await metrics(http, dep)
-        return got if got.get("parley_timers_loaded_until_ms", 0) > 0 else None
+        return got if got.get("parley_timers_loaded_until_seconds", 0) > 0 else None
 
     got = await wait_until(loaded, 900, "the worker's first load")
     return time.perf_counter() - started, int(got["parley_timers_active"])

@@ -180,7 +180,8 @@ def _worker_loaded(metrics: bytes) -> bool:
 
     values = parse_metrics(metrics.decode(errors="replace"))
     return (
-        values.get("parley_partitions_assigned", 0) > 0 and values.get("parley_timers_loaded_until_ms", 0) > 0
+        values.get("parley_partitions_assigned", 0) > 0
+        and values.get("parley_timers_loaded_until_seconds", 0) > 0
     )
 
 
