@@ -3,6 +3,7 @@ worker (agents/pause.py). Inbound webhooks are still accepted while paused and q
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from aiohttp import web
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from api.context import CONTEXT, validated_body
 from streams import pause_db
+from streams.pause_db import Conn
 
 routes = web.RouteTableDef()
 
@@ -32,26 +34,27 @@ async def _answer(request: web.Request) -> web.Response:
     return web.json_response({"paused": {part: at.isoformat() for part, at in paused.items()}})
 
 
-@routes.post("/v1/admin/pause")
-async def pause(request: web.Request) -> web.Response:
-    """Pause a part on every worker (until resumed; restarts keep it paused)."""
+async def _switch(
+    request: web.Request, change: Callable[[Conn, tuple[str, ...], str], Awaitable[None]]
+) -> web.Response:
     body = await validated_body(request, PAUSE_IN)
     if isinstance(body, web.Response):
         return body
     async with request.app[CONTEXT].store.pool.acquire() as conn:
-        await pause_db.pause(conn, pause_db.parts_of(body.what), body.reason)
+        await change(conn, pause_db.parts_of(body.what), body.reason)
     return await _answer(request)
+
+
+@routes.post("/v1/admin/pause")
+async def pause(request: web.Request) -> web.Response:
+    """Pause a part on every worker (until resumed; restarts keep it paused)."""
+    return await _switch(request, pause_db.pause)
 
 
 @routes.post("/v1/admin/resume")
 async def resume(request: web.Request) -> web.Response:
     """Resume a paused part."""
-    body = await validated_body(request, PAUSE_IN)
-    if isinstance(body, web.Response):
-        return body
-    async with request.app[CONTEXT].store.pool.acquire() as conn:
-        await pause_db.resume(conn, pause_db.parts_of(body.what))
-    return await _answer(request)
+    return await _switch(request, lambda conn, parts, _reason: pause_db.resume(conn, parts))
 
 
 @routes.get("/v1/admin/paused")
