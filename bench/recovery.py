@@ -24,9 +24,10 @@ import aiohttp
 import asyncpg
 import psutil
 
+from bench.progress import waiting
 from domain.actions import CLOSE, close_token
 from streams.topics import partition_of
-from tests.integration.harness import Deployment, Services, wait_until
+from tests.integration.harness import Deployment, Services
 from tests.integration.worker_helpers import metrics
 
 
@@ -101,7 +102,7 @@ async def _time_to_hold(http: aiohttp.ClientSession, dep: Deployment) -> tuple[f
         got = await metrics(http, dep)
         return got if got.get("parley_timers_loaded_until_seconds", 0) > 0 else None
 
-    got = await wait_until(loaded, 900, "the worker's first load")
+    got = await waiting(loaded, 900, "the worker's first load")
     return time.perf_counter() - started, int(got["parley_timers_active"])
 
 
