@@ -80,6 +80,7 @@ class Outcome:
     id: str
     channel_id: str
     contact_id: str
+    opened_by: str  # the event that opened it
     opened_at: datetime
     state: State
     close_reason: str | None
@@ -298,9 +299,10 @@ class _MemoDetector:
 class _Pair:
     """One conversation id across the runs: its outcome in each (None: not final yet)."""
 
-    __slots__ = ("opened_at", "opened_in", "outcomes")
+    __slots__ = ("opened_at", "opened_by", "opened_in", "outcomes")
 
-    def __init__(self, opened_at: datetime, opened_in: tuple[bool, ...]) -> None:
+    def __init__(self, opened_by: str, opened_at: datetime, opened_in: tuple[bool, ...]) -> None:
+        self.opened_by = opened_by
         self.opened_at = opened_at
         self.opened_in = opened_in
         self.outcomes: list[Outcome | None] = [None] * len(opened_in)
@@ -416,7 +418,7 @@ class Simulation:
         if thread.rows is not None:
             self._row(thread, now, _what(event), cells)
         if any(opened):
-            self._pair(thread, opened, now)
+            self._pair(thread, opened, event.event_id, now)
 
     def advance(self, watermark: datetime) -> None:
         """Fire the simulated deadlines due by `watermark` and forget the threads that nothing
@@ -548,9 +550,9 @@ class Simulation:
             thread.automatic[run] = firing
         return None
 
-    def _pair(self, thread: _Thread, opened: list[str | None], now: datetime) -> None:
+    def _pair(self, thread: _Thread, opened: list[str | None], event_id: str, now: datetime) -> None:
         for cid in {c for c in opened if c is not None}:
-            thread.pairs[cid] = _Pair(now, tuple(c == cid for c in opened))
+            thread.pairs[cid] = _Pair(event_id, now, tuple(c == cid for c in opened))
 
     def _final_all(self, thread: _Thread, at_end: bool = False) -> None:
         for run, conv in enumerate(thread.convs):
@@ -569,19 +571,20 @@ class Simulation:
             stats.durations.add((conv.closed_at - conv.opened_at).total_seconds())
         elif at_end:
             stats.open_at_end += 1
+        pair = thread.pairs.get(conv.id)
+        if pair is None:  # every conversation of a run is opened in it: cannot happen
+            return
         outcome = Outcome(
             id=conv.id,
             channel_id=thread.channel_id,
             contact_id=thread.contact_id,
+            opened_by=pair.opened_by,
             opened_at=conv.opened_at,
             state=conv.state,
             close_reason=str(conv.close_reason) if closed else None,
             closed_at=conv.closed_at if closed else None,
             automatic=automatic and closed,
         )
-        pair = thread.pairs.get(conv.id)
-        if pair is None:  # opened before this run saw the thread: cannot happen, kept safe
-            return
         pair.outcomes[run] = outcome
         if pair.resolved():
             del thread.pairs[conv.id]
