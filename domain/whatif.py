@@ -95,6 +95,16 @@ class Outcome:
             other.closed_at,
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "state": str(self.state),
+            "close_reason": self.close_reason,
+            "opened_at": self.opened_at.isoformat(),
+            "closed_at": self.closed_at.isoformat() if self.closed_at else None,
+            "automatic": self.automatic,
+        }
+
     def describe(self) -> str:
         """`closed expired at ...` or `open (idle)`."""
         if self.state is State.CLOSED and self.closed_at is not None:
@@ -241,8 +251,8 @@ class Example:
             "conversation_id": self.conversation_id,
             "channel_id": self.channel_id,
             "contact_id": self.contact_id,
-            "current": self.current.describe() if self.current else "not opened",
-            "changed": self.changed.describe() if self.changed else "not opened",
+            "current": self.current.to_dict() if self.current else None,
+            "changed": self.changed.to_dict() if self.changed else None,
             "timeline": [
                 {"at": at.isoformat(), "event": what, "current": cur, "changed": chg}
                 for at, what, cur, chg in self.rows
