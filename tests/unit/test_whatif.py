@@ -206,3 +206,64 @@ def test_quantiles_are_within_one_percent() -> None:
     z = Quantiles()
     z.add(0.0)
     assert z.quantile(0.5) == 0.0
+
+
+def test_the_fast_step_gives_what_transition_gives() -> None:
+    """extend_deadline is only a shortcut: a random log through both paths, identical reports."""
+    from bench.whatif import synthetic_log
+
+    log = synthetic_log(20_000, seed=7)
+    changed = replace(CURRENT, idle_timeout=24 * H, processing_timeout=6 * H)
+    reports = []
+    for fast in (True, False):
+        sim = Simulation(CURRENT, changed, fast=fast, check=True)
+        for i, item in enumerate(log):
+            sim.add(item)
+            if i % 5_000 == 4_999:
+                sim.advance(item.at - timedelta(minutes=5))
+        reports.append((sim.finish(log[-1].at).to_dict(), sorted(map(repr, sim.drain_checks()))))
+    assert reports[0] == reports[1]
+    assert reports[0][0]["comparison"]["different_outcome"] > 100  # the log does exercise a change
+
+
+def test_extend_deadline_agrees_with_transition_step_by_step() -> None:
+    from domain.lifecycle import transition
+    from domain.whatif import extend_deadline
+
+    texts = [
+        None,
+        "",
+        "oi",
+        "ok",
+        "obrigado",
+        "tchau",
+        "pode fechar",
+        "sim",
+        "qual o prazo?",
+        "obrigado, tchau",
+    ]
+    hits = 0
+    for policy in (CURRENT, replace(CURRENT, idle_timeout=H, closure_threshold=0.5)):
+        conv = None
+        at = T0
+        for i in range(200):
+            at += timedelta(minutes=(i * 7) % 50) - timedelta(seconds=30 if i % 9 == 0 else 0)  # skewed now
+            event = UserMessage(f"x{i}", f"m{i}", texts[i % len(texts)], f"conv-x{i}")
+            if i % 11 == 5 and conv is not None:
+                event = AgentAccepted(f"a{i}", f"agent-{i % 2}")  # type: ignore[assignment]
+            fast = extend_deadline(conv, event, at, policy)
+            decision = transition(conv, event, at, policy, channel_id="ch", contact_id="k")
+            if fast is not None:
+                hits += 1
+                assert fast == decision.conversation and decision.changed
+            conv = decision.conversation
+            if conv is not None and conv.deadline_at is not None and i % 13 == 0:
+                conv = transition(
+                    conv,
+                    TimerFired("t", conv.id, conv.version, conv.deadline_at),
+                    conv.deadline_at,
+                    policy,
+                    channel_id="ch",
+                    contact_id="k",
+                ).conversation
+    assert hits > 100
