@@ -17,6 +17,7 @@ from api import (
     schedules,
     webhook_endpoints,
     webhooks,
+    whatif,
 )
 from api.context import CONTEXT, ChannelCache, Context
 from api.health import Readiness
@@ -65,6 +66,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(schedules.routes)
     app.add_routes(webhook_endpoints.routes)
     app.add_routes(messages.routes)
+    app.add_routes(whatif.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)
@@ -87,4 +89,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(resources)
     app.cleanup_ctx.append(schedules.answers_ctx)  # after resources: it uses CONTEXT
     app.cleanup_ctx.append(webhook_endpoints.sender_ctx)
+    app.cleanup_ctx.append(whatif.jobs_ctx)
     return app

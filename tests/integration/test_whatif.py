@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -198,6 +199,41 @@ async def test_a_channel_filter_and_a_bad_setting(deployment: Deployment, scenar
     assert other["events"] == 0 and other["other_channels"] == other["records_read"] > 0
     bad = _run(deployment, "--since", "PT1H", "--set", "PARLEY_TIMEOUT_IDLE=P1M")
     assert bad.returncode == 2 and "PARLEY_TIMEOUT_IDLE" in bad.stderr and "months" in bad.stderr
+
+
+async def test_the_api_runs_the_same_comparison_as_a_job(
+    http: aiohttp.ClientSession, deployment: Deployment, scenario: Scenario
+) -> None:
+    url = f"{deployment.base_url}/v1/whatif"
+    body = {"since": scenario.since.isoformat(), "set": {"PARLEY_TIMEOUT_IDLE": "1"}, "examples": 3}
+    async with http.post(url, json=body) as r:
+        assert r.status == 401
+    headers = deployment.admin_headers()
+    async with http.post(url, json={**body, "set": {"PARLEY_TIMEOUT_IDLE": "P1M"}}, headers=headers) as r:
+        assert r.status == 422 and "months" in (await r.json())["error"]
+    async with http.post(url, json={**body, "since": "yesterday"}, headers=headers) as r:
+        assert r.status == 422
+    async with http.post(url, json=body, headers=headers) as r:
+        assert r.status == 202, await r.text()
+        job = await r.json()
+    assert job["status"] == "running" and r.headers["Location"] == f"/v1/whatif/{job['id']}"
+
+    async def finished() -> dict[str, Any] | None:
+        async with http.get(f"{deployment.base_url}/v1/whatif/{job['id']}", headers=headers) as r:
+            assert r.status == 200
+            view: dict[str, Any] = await r.json()
+            return view if view["status"] != "running" else None
+
+    view = await wait_until(finished, 120, "the what-if job to finish")
+    assert view["status"] == "done", view["error"]
+    result = view["result"]
+    assert view["progress"]["records_read"] == view["progress"]["records_total"] == result["records_read"]
+    assert result["changed"]["reopened_after_close"] == 1 and result["current"]["reopened_after_close"] == 0
+    assert result["policy"]["current"]["idle_timeout_s"] == IDLE_S  # the API process's own policy
+    assert result["check"]["matched"] == result["check"]["checked"] == 4
+    assert len(result["examples"]) == 3
+    async with http.get(f"{deployment.base_url}/v1/whatif/{uuid.uuid4()}", headers=headers) as r:
+        assert r.status == 404
 
 
 async def _end_offsets(dep: Deployment) -> dict[str, dict[int, int]]:
