@@ -689,7 +689,7 @@ class Simulation:
             return
         some = cur or chg
         assert some is not None
-        rows = tuple(r for r in thread.rows if r[0] >= pair.opened_at)
+        rows = tuple(sorted((r for r in thread.rows if r[0] >= pair.opened_at), key=lambda r: r[0]))
         self.examples.append(Example(some.id, thread.channel_id, thread.contact_id, cur, chg, rows))
 
     def _row(self, thread: _Thread, at: datetime, what: str, cells: list[str]) -> None:
@@ -732,5 +732,5 @@ def _cell(decision: Decision) -> str:
         else:
             parts.append(fx.kind)
     if decision.changed and decision.conversation is not None and decision.conversation.deadline_at:
-        parts.append(f"due {decision.conversation.deadline_at.strftime('%H:%M:%S')}")
+        parts.append(f"due {decision.conversation.deadline_at.strftime('%m-%d %H:%M:%S')}")
     return "; ".join(parts) or "no change"

@@ -447,19 +447,15 @@ def render(result: WhatIfResult) -> str:
         ),
         ("timer firings", f"{cur.firings:,}", f"{chg.firings:,}"),
     ]
-    for name, stats in (("current", cur), ("changed", chg)):
+    peaks = []
+    for stats in (cur, chg):
         peak, count = stats.peak_hour()
-        table.append(
-            (
-                f"peak firings per hour ({name})",
-                f"{count:,}",
-                peak.strftime("%Y-%m-%d %H:00 UTC") if peak else "-",
-            )
-        )
+        peaks.append(f"{count:,} at {peak:%m-%d %H}h" if peak else "-")
+    table.append(("peak timer firings in one hour (UTC)", peaks[0], peaks[1]))
     width = max(len(row[0]) for row in table)
     lines.append("")
-    lines.append(f"{'':{width}}  {'current':>16}  {'changed':>16}")
-    lines += [f"{a:{width}}  {b:>16}  {c:>16}" for a, b, c in table]
+    lines.append(f"{'':{width}}  {'current':>20}  {'changed':>20}")
+    lines += [f"{a:{width}}  {b:>20}  {c:>20}" for a, b, c in table]
     c = r.comparison
     lines += [
         "",

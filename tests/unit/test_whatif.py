@@ -267,3 +267,27 @@ def test_extend_deadline_agrees_with_transition_step_by_step() -> None:
                     contact_id="k",
                 ).conversation
     assert hits > 100
+
+
+def test_the_text_report() -> None:
+    from streams.whatif import CheckResult, WhatIfResult, render
+
+    events = [user("oi", T0, event_id="txt"), user("alô", T0 + 30 * H)]
+    sim = run(SHORT, events, T0 + 200 * H, examples=1)
+    result = WhatIfResult(
+        since=T0,
+        until=None,
+        horizon=T0 + 200 * H,
+        overrides={"PARLEY_TIMEOUT_IDLE": "PT24H"},
+        current_policy=CURRENT,
+        changed_policy=SHORT,
+        report=sim.finish(T0 + 200 * H),
+        check=CheckResult(checked=1, matched=1),
+        read=2,
+    )
+    text = render(result)
+    assert "changed: PARLEY_TIMEOUT_IDLE=PT24H (idle_timeout 2d 0h -> 1d 0h)" in text
+    assert "user wrote again after an automatic close" in text
+    assert "would close earlier: 1" in text
+    assert "1 of 1 conversations match (all match)" in text
+    assert "example conv-txt" in text and "deadline (simulated)" in text
