@@ -429,27 +429,54 @@ class Simulation:
             )
             self.threads_seen += 1
         event, now = item.event, item.at
-        if event.event_id in thread.seen:
+        seen = thread.seen
+        if event.event_id in seen:
             self.duplicates += 1  # the projection's ledger skips it too
             return
-        thread.seen.add(event.event_id)
+        seen.add(event.event_id)
         recorded_firing = isinstance(event, _FIRINGS)
         if recorded_firing:
             self.recorded_firings += 1
         else:
             self.events += 1
         if thread.rows is not None:
-            self._fire_due_with_rows(thread, now)
-        else:
-            for run, simulated in enumerate(self.simulated):
-                conv = thread.convs[run]
-                if (
-                    simulated
-                    and conv is not None
-                    and conv.deadline_at is not None
-                    and conv.deadline_at <= now
-                ):
+            self._add_with_rows(thread, item, recorded_firing)
+            return
+        # Each run on its own: its deadline due by now fires first, then the event applies.
+        convs, policies, fast = thread.convs, self.policies, self.fast
+        targeted = isinstance(event, _TARGETED)
+        opened: list[str | None] | None = None
+        for run, simulated in enumerate(self.simulated):
+            conv = convs[run]
+            if simulated:
+                if conv is not None and conv.deadline_at is not None and conv.deadline_at <= now:
                     self._fire(thread, run, conv, conv.deadline_at)
+                    conv = convs[run]
+                if recorded_firing:
+                    continue
+            policy = policies[run]
+            if fast:
+                extended = extend_deadline(conv, event, now, policy)
+                if extended is not None:
+                    convs[run] = extended
+                    continue
+            if targeted and (conv is None or conv.id != item.target):
+                continue  # aimed at a conversation that is not the thread's current one
+            decision = transition(
+                conv, event, now, policy, channel_id=item.channel_id, contact_id=item.contact_id
+            )
+            new_id = self._apply(thread, run, conv, decision, now, event, recorded_firing)
+            if new_id is not None:
+                if opened is None:
+                    opened = [None] * len(policies)
+                opened[run] = new_id
+        if opened is not None:
+            self._pair(thread, opened, event.event_id, now)
+
+    def _add_with_rows(self, thread: _Thread, item: LogEvent, recorded_firing: bool) -> None:
+        """`add` keeping the thread's timeline (for examples): every step through `transition`."""
+        event, now = item.event, item.at
+        self._fire_due_with_rows(thread, now)
         opened: list[str | None] = []
         cells: list[str] = []
         for run, simulated in enumerate(self.simulated):
@@ -458,24 +485,16 @@ class Simulation:
                 cells.append("")
                 continue
             before = thread.convs[run]
-            if self.fast and thread.rows is None:
-                extended = extend_deadline(before, event, now, self.policies[run])
-                if extended is not None:
-                    thread.convs[run] = extended
-                    opened.append(None)
-                    continue
             if isinstance(event, _TARGETED) and (before is None or before.id != item.target):
                 opened.append(None)  # aimed at a conversation that is not the thread's current one
-                cells.append("ignored (not the current conversation)" if thread.rows is not None else "")
+                cells.append("ignored (not the current conversation)")
                 continue
             decision = transition(
                 before, event, now, self.policies[run], channel_id=item.channel_id, contact_id=item.contact_id
             )
             opened.append(self._apply(thread, run, before, decision, now, event, recorded_firing))
-            if thread.rows is not None:
-                cells.append(_cell(decision))
-        if thread.rows is not None:
-            self._row(thread, now, _what(event), cells)
+            cells.append(_cell(decision))
+        self._row(thread, now, _what(event), cells)
         if any(opened):
             self._pair(thread, opened, event.event_id, now)
 
