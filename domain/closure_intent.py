@@ -351,8 +351,11 @@ def _covered(clause: _Words) -> bool:
 @lru_cache(maxsize=256)
 def _clauses(text: str) -> tuple[_Words, ...]:
     """Accent-, case- and apostrophe-free words, grouped into punctuation-delimited clauses."""
-    folded = unicodedata.normalize("NFKD", text.casefold())
-    plain = "".join(c for c in folded if not unicodedata.combining(c))
+    if text.isascii():  # NFKD and case folding change nothing but the case: skip the per-character pass
+        plain = text.lower()
+    else:
+        folded = unicodedata.normalize("NFKD", text.casefold())
+        plain = "".join(c for c in folded if not unicodedata.combining(c))
     plain = plain.replace("'", "").replace("\u2019", "")
     parts = re.split(r"[.,;:!?\u00a1\u00bf\n]+", plain)
     return tuple(words for part in parts if (words := tuple(re.findall(r"\w+", part))))
