@@ -270,7 +270,7 @@ class Report:
     events: int  # lifecycle events simulated
     duplicates: int  # events seen twice on the log, applied once
     recorded_firings: int  # timer/sweep firings in the log (not used by the two runs)
-    threads: int
+    threads: int  # threads seen (one forgotten while quiet and seen again counts again)
     horizon: datetime | None
     examples: list[Example] = field(default_factory=list)
 

@@ -310,6 +310,10 @@ async def whatif(
     if until is not None and until <= since:
         raise WhatIfError("--until must be after --since")
     horizon = min(until, now) if until is not None else now
+    if not settings.kafka_bootstrap_servers:
+        raise WhatIfError("KAFKA_BOOTSTRAP_SERVERS is not set: which broker holds the log?")
+    if check and not settings.database_url:
+        raise WhatIfError("DATABASE_URL is not set: needed for the Postgres check (or pass --no-check)")
     sim = Simulation(current, changed, check=check, examples=examples, reopened_within=reopened_within)
     prefixes = tuple(f"{c}/".encode() for c in channels)
     topic = Topics(settings.topic_prefix).conversation_events
@@ -324,6 +328,9 @@ async def whatif(
         await consumer.start()
         ranges = await assign_range(consumer, topic, await topic_partitions(consumer, topic), since, until)
         total = sum(end - start for start, end in ranges.values())
+        # The watermark: the slowest unfinished partition's last record time. A partition with
+        # nothing in the range, or read to its end, holds nothing back (no event of it is to come).
+        reading = {tp for tp, (start, end) in ranges.items() if start < end}
         last_ms: dict[Any, int] = {}
         next_advance, last_report = ADVANCE_EVERY, 0.0
         async for fetched in fetch_range(consumer, ranges, batch):
@@ -343,9 +350,11 @@ async def whatif(
                         sim.add(item)
                 if records:
                     last_ms[tp] = records[-1].timestamp
-            if read >= next_advance and len(last_ms) == len(ranges):
+                    if records[-1].offset >= ranges[tp][1] - 1:
+                        reading.discard(tp)
+            if read >= next_advance and reading and reading <= last_ms.keys():
                 next_advance = read + ADVANCE_EVERY
-                slowest = min(last_ms[tp] for tp in ranges if ranges[tp][0] < ranges[tp][1])
+                slowest = min(last_ms[tp] for tp in reading)
                 sim.advance(datetime.fromtimestamp(slowest / 1000, UTC) - WATERMARK_MARGIN)
             if pg is not None and len(sim.checks) >= CHECK_CHUNK:
                 await pg.compare(sim.drain_checks())
