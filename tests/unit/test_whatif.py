@@ -291,3 +291,72 @@ def test_the_text_report() -> None:
     assert "would close earlier: 1" in text
     assert "1 of 1 conversations match (all match)" in text
     assert "example conv-txt" in text and "deadline (simulated)" in text
+
+
+class _FakeConn:
+    """What PostgresCheck reads: conversations by id, processed_events by id."""
+
+    def __init__(self, rows: list[dict[str, object]], processed: set[str]) -> None:
+        self.rows, self.processed = rows, processed
+
+    def transaction(self, readonly: bool = False) -> object:
+        assert readonly
+        import contextlib
+
+        @contextlib.asynccontextmanager
+        async def tx():  # type: ignore[no-untyped-def]
+            yield
+
+        return tx()
+
+    async def fetch(self, sql: str, ids: list[str]) -> list[dict[str, object]]:
+        if "processed_events" in sql:
+            return [{"event_id": i} for i in ids if i in self.processed]
+        return [r for r in self.rows if r["id"] in ids]
+
+
+async def test_the_postgres_check_explains_each_mismatch() -> None:
+    from domain.whatif import CheckItem, Outcome
+    from streams.whatif import PostgresCheck
+
+    def outcome(cid: str, state: State, reason: str | None = None) -> Outcome:
+        closed = T0 + H if state is State.CLOSED else None
+        return Outcome(cid, "ch", "k", f"open-{cid}", T0, state, reason, closed, reason == "expired")
+
+    closed, idle = State.CLOSED, State.IDLE
+    items = [
+        CheckItem(outcome("same", closed, "expired"), outcome("same", closed, "expired")),
+        # production's firing came late, after a message: the recorded run agrees with Postgres
+        CheckItem(outcome("late", closed, "expired"), outcome("late", idle)),
+        # the recorded run never opened it: production's timing avoided this conversation
+        CheckItem(outcome("extra", idle), None),
+        # not in Postgres, its opening event applied: it joined a conversation older than the range
+        CheckItem(outcome("older", idle), outcome("older", idle)),
+        # not in Postgres, its opening event not applied yet
+        CheckItem(outcome("behind", idle), outcome("behind", idle)),
+        # changed in Postgres after --until
+        CheckItem(outcome("after", idle), outcome("after", idle)),
+        CheckItem(outcome("odd", closed, "expired"), outcome("odd", closed, "expired")),
+    ]
+    rows = [
+        {"id": "same", "state": "closed", "close_reason": "expired", "updated_at": T0 + H},
+        {"id": "late", "state": "idle", "close_reason": None, "updated_at": T0 + H},
+        {"id": "after", "state": "closed", "close_reason": "agent_closed", "updated_at": T0 + 9 * H},
+        {"id": "odd", "state": "closed", "close_reason": "failed", "updated_at": T0 + H},
+    ]
+    check = PostgresCheck(_FakeConn(rows, {"open-older"}), horizon=T0 + 5 * H)  # type: ignore[arg-type]
+    await check.compare(items)
+    result = check.result
+    assert (result.checked, result.matched, result.all_match) == (7, 1, False)
+    assert result.mismatched == {
+        "production_timing": 2,
+        "before_since": 1,
+        "not_projected": 1,
+        "after_until": 1,
+        "unexplained": 1,
+    }
+    assert (
+        "late" in result.samples["production_timing"][0]
+        and "Postgres: idle" in result.samples["production_timing"][0]
+    )
+    assert set(result.to_dict()["mismatched"]) == set(result.mismatched)
