@@ -20,6 +20,7 @@ from api import (
     schedules,
     webhook_endpoints,
     webhooks,
+    whatif,
 )
 from api.context import CONTEXT, ChannelCache, Context
 from api.health import Readiness
@@ -70,6 +71,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(schedules.routes)
     app.add_routes(webhook_endpoints.routes)
     app.add_routes(messages.routes)
+    app.add_routes(whatif.routes)
     app.add_routes(openapi.routes)
     app.add_routes(metrics.routes)
     app.add_routes(pause.routes)
@@ -95,4 +97,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(resources)
     app.cleanup_ctx.append(schedules.answers_ctx)  # after resources: it uses CONTEXT
     app.cleanup_ctx.append(webhook_endpoints.sender_ctx)
+    app.cleanup_ctx.append(whatif.jobs_ctx)
     return app

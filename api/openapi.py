@@ -22,6 +22,7 @@ from api.messages import CHANNEL_SEND_IN
 from api.pause import PAUSE_IN
 from api.schedules import MAX_BATCH, ResultIn, ScheduleIn
 from api.webhook_endpoints import ENDPOINT_IN, ENDPOINT_PATCH, REPLAY_IN
+from api.whatif import WHATIF_IN
 from channels.config import CHANNEL_IN, GenericWebhook
 from channels.outbound import OUTBOUND_CONTENT
 from domain.schedules import KEY_PATTERN
@@ -64,6 +65,7 @@ ENDPOINT = obj("id", "url", "events", "enabled", id=STR, url=STR, events={"type"
 CREATED_ENDPOINT = obj("id", "url", "events", "secret", id=STR, secret=STR)
 DELIVERY = obj("id", "status", "attempts", id=INT, status=STR, attempts=INT)
 HEALTH = obj("status", status=STR)
+WHATIF_JOB = obj("id", "status", id=STR, status=STR)
 PAUSED = obj("paused", paused={"type": "object", "additionalProperties": STR})
 READY = obj("ready", "checks", ready=BOOL, checks={"type": "object"})
 
@@ -125,6 +127,20 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ),
     ("GET", "/openapi.json"): Op("This document", {200: {"type": "object"}}, tag="docs"),
     ("GET", "/docs"): Op("This document as a page", {200: {}}, answers="text/html", tag="docs"),
+    # what-if
+    ("POST", "/v1/whatif"): Op(
+        "Replay the retained log under the current and a changed policy (a job in this API process)",
+        {202: WHATIF_JOB},
+        errors=(*BODY_ERRORS, 429),
+        body=_model("WhatIfIn", WHATIF_IN),
+        tag="what-if",
+    ),
+    ("GET", "/v1/whatif/{id}"): Op(
+        "A what-if job's progress, and its comparison once done",
+        {200: WHATIF_JOB},
+        errors=(404,),
+        tag="what-if",
+    ),
     # the emergency switch
     ("POST", "/v1/admin/pause"): Op(
         "Pause the lifecycle agent, the sender, the webhooks or all, on every worker, until resumed",
@@ -420,6 +436,7 @@ _REASONS = {
     413: "body larger than PARLEY_MAX_BODY_BYTES",
     415: "unsupported content type",
     422: "the body does not validate; `details` says where",
+    429: "too many of these running in this process; retry later",
     503: "Kafka or Postgres unavailable; retry",
     504: "the worker did not answer in time; the command may still apply (retry, same Idempotency-Key)",
 }
