@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Protocol
@@ -288,6 +288,13 @@ class PhraseClosureDetector:
     def confidence(self, text: str) -> float:
         """Return the closure confidence of one message text, between 0 and 1."""
         clauses = _clauses(text)
+        signalling = _signal_words(self.close_requests, self.farewells, self.thanks)
+        if not any(signalling(word) for clause in clauses for word in clause):
+            return 0.0  # no word can start a signal phrase: every signal is 0, so is the score
+        return self.score(clauses, text)
+
+    def score(self, clauses: tuple[_Words, ...], text: str) -> float:
+        """The confidence of a text's clauses, every phrase table looked up."""
         signals = (
             CLOSE_REQUEST_WEIGHT if _close_request(clauses, self.close_requests) else 0.0,
             FAREWELL_WEIGHT if _hits(clauses, self.farewells, negatable=True) else 0.0,
@@ -374,6 +381,25 @@ def _compiled(table: tuple[str, ...]) -> _Index:
 
 
 _CANDIDATES_PER_TABLE = 65_536  # words remembered per phrase table (cleared when full)
+
+
+@lru_cache(maxsize=8)
+def _signal_words(*tables: tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether a word can start a phrase of any of these tables (remembered per word): most
+    messages have no such word, and their score is 0 without looking for phrases."""
+    indexes = [_compiled(table) for table in tables]
+    seen: dict[str, bool] = {}
+
+    def signalling(word: str) -> bool:
+        found = seen.get(word)
+        if found is None:
+            found = any(_candidates(index, word) for index in indexes)
+            if len(seen) >= _CANDIDATES_PER_TABLE:
+                seen.clear()
+            seen[word] = found
+        return found
+
+    return signalling
 
 
 def _candidates(index: _Index, word: str) -> tuple[_Phrase, ...]:
