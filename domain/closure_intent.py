@@ -264,7 +264,8 @@ CONTRASTS = frozenset({"mas", "porem", "but", "however", "pero", "aunque"})
 Reply = Literal["affirmative", "negative", "other"]
 _Phrase = tuple[str, ...]
 _Words = tuple[str, ...]
-_Index = tuple[dict[str, tuple[_Phrase, ...]], tuple[_Phrase, ...], dict[str, tuple[_Phrase, ...]]]
+# (phrases by first word, stem phrases by the first letter of their stem, candidates per word seen)
+_Index = tuple[dict[str, tuple[_Phrase, ...]], dict[str, tuple[_Phrase, ...]], dict[str, tuple[_Phrase, ...]]]
 _Match = tuple[_Words, int, int]
 
 
@@ -376,8 +377,15 @@ def _compiled(table: tuple[str, ...]) -> _Index:
     for phrase in phrases:
         if not phrase[0].endswith("*"):
             by_first.setdefault(phrase[0], []).append(phrase)
-    stems = tuple(p for p in phrases if p[0].endswith("*"))
-    return {word: tuple(group) for word, group in by_first.items()}, stems, {}
+    stems: dict[str, list[_Phrase]] = {}
+    for phrase in phrases:
+        if phrase[0].endswith("*"):
+            stems.setdefault(phrase[0][:1], []).append(phrase)
+    return (
+        {word: tuple(group) for word, group in by_first.items()},
+        {letter: tuple(group) for letter, group in stems.items()},
+        {},
+    )
 
 
 _CANDIDATES_PER_TABLE = 65_536  # words remembered per phrase table (cleared when full)
@@ -409,7 +417,7 @@ def _candidates(index: _Index, word: str) -> tuple[_Phrase, ...]:
         # every stem is tried against every word: remember the answer per word (the what-if
         # simulation scores millions of messages; chats reuse a small vocabulary)
         exact = by_first.get(word, ())
-        stemmed = tuple(p for p in stems if word.startswith(p[0][:-1]))
+        stemmed = tuple(p for p in stems.get(word[:1], ()) if word.startswith(p[0][:-1]))
         found = tuple(sorted(exact + stemmed, key=len, reverse=True)) if stemmed else exact
         if len(seen) >= _CANDIDATES_PER_TABLE:
             seen.clear()
