@@ -10,6 +10,7 @@ through `domain.whatif.Simulation` (both runs, simulated deadlines, `advance` ev
 
 from __future__ import annotations
 
+import gc
 import random
 import time
 from dataclasses import replace
@@ -126,6 +127,10 @@ def run(n: int = 1_000_000, rounds: int = 2) -> None:
     )
     current = LifecyclePolicy()
     changed = replace(current, idle_timeout=timedelta(hours=24), close_grace=timedelta(seconds=60))
+    # The log is this bench's input, held whole in memory; `parley whatif` streams the topic and
+    # never holds it. Out of the collector's way, so that full collections do not walk its
+    # millions of objects (a cost of this set-up, not of the simulation: 31k -> 35k events/s of CPU).
+    gc.freeze()
     for i in range(rounds):
         rate, cpu_rate, closed = simulate(log, current, changed)
         row(
