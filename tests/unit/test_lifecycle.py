@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -55,19 +54,17 @@ def make(state: State, **changes: object) -> Conversation:
         assigned_agent="agent-1" if state is not State.IDLE else None,
     )
     if state in (State.AWAITING_CONFIRMATION, State.WAITING_CLOSE):
-        conv = replace(
-            conv,
+        conv = conv._replace(
             pending_close_reason=CloseReason.USER_CLOSED,
             state_before_close=State.PROCESSING,
         )
     if state is State.CLOSED:
-        conv = replace(
-            conv,
+        conv = conv._replace(
             close_reason=CloseReason.AGENT_CLOSED,
             closed_at=T0,
             state_before_close=State.PROCESSING,
         )
-    return replace(conv, **changes)  # type: ignore[arg-type]
+    return conv._replace(**changes)  # type: ignore[arg-type]
 
 
 def run(current: Conversation | None, event: Event, now: datetime) -> Decision:

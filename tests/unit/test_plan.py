@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from domain.actions import CLOSE, Arm, close_token
@@ -67,8 +66,8 @@ def test_after_a_close_the_next_conversation_follows_in_thread_order_even_with_a
 
 def test_updates_carry_the_version_they_were_read_at() -> None:
     current = closed_conversation(seq=1)
-    open_conv = replace(
-        current.conversation, state=State.IDLE, closed_at=None, deadline_at=T0 + timedelta(hours=1)
+    open_conv = current.conversation._replace(
+        state=State.IDLE, closed_at=None, deadline_at=T0 + timedelta(hours=1)
     )
     planner = Planner({("ch", "k"): Current(open_conv, 1)}, POLICY)
     for n in range(3):
