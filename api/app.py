@@ -15,6 +15,7 @@ from api import (
     messages,
     metrics,
     openapi,
+    overview,
     providers_routes,
     schedules,
     webhook_endpoints,
@@ -71,6 +72,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(messages.routes)
     app.add_routes(openapi.routes)
     app.add_routes(metrics.routes)
+    app.add_routes(overview.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)
@@ -93,4 +95,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(resources)
     app.cleanup_ctx.append(schedules.answers_ctx)  # after resources: it uses CONTEXT
     app.cleanup_ctx.append(webhook_endpoints.sender_ctx)
+    app.cleanup_ctx.append(overview.sampler_ctx)
     return app
