@@ -9,6 +9,7 @@
 (() => {
   const TOKEN_KEY = "parleyToken"; // sessionStorage: this tab only, gone when it closes
   const POLL_MS = 3000;
+  const OVERVIEW_POLL_MS = 5000; // GET /v1/overview costs more than a page of rows (README, "Console")
   const STATES = ["idle", "processing", "awaiting_confirmation", "waiting_close", "closed"];
   const REASONS = ["failed", "user_closed", "agent_closed", "idle_timeout", "expired"];
   const EXPLICIT = ["agent_closed", "user_closed", "failed"];
@@ -150,7 +151,7 @@
         el("div", { class: "card" }, el("h2", {}, "Opened per minute (last hour)"),
           bars(c.per_minute.opened, "bar-opened", "opened"),
           el("h2", {}, "Closed per minute"), bars(c.per_minute.closed, "bar-closed", "closed")),
-        el("div", { class: "card" }, el("h2", {}, "Close reasons (last 24 h)"),
+        el("div", { class: "card", id: "card-close-reasons" }, el("h2", {}, "Close reasons (last 24 h)"),
           reasons.length ? hbars(reasons, cap) : el("div", { class: "mute" }, "none")),
         el("div", { class: "card" }, el("h2", {}, "Timers"),
           kv([["overdue", count(o.timers.overdue, cap), "ov-timers-overdue"],
@@ -392,7 +393,7 @@
       pollTimer = setTimeout(() => poll(fresh), POLL_MS); // a view that never drew is drawn anew
       return;
     }
-    if (gen === generation) pollTimer = setTimeout(() => poll(false), POLL_MS);
+    if (gen === generation) pollTimer = setTimeout(() => poll(false), where.name === "overview" ? OVERVIEW_POLL_MS : POLL_MS);
   }
   function route() { generation += 1; poll(true); }
 

@@ -1,8 +1,9 @@
 """The operator console (`/`) in headless Chromium (Debian's `chromium`, driven by playwright)
 against a live worker and API: the overview's numbers, filters, a conversation page, the accept and
 close buttons, dead letters and their retry, channels. Attacker-controlled text (a message body, a
-contact id, a dead letter's error and key) must show as text and never run. Screenshots of every
-page are kept with the test logs (console-*.png); any console error or page error fails the test."""
+contact id, a WhatsApp profile name, a dead letter's error and key) must show as text and never
+run. Screenshots of every page are kept with the test logs (console-*.png); any console error or
+warning, page error or dialog fails the test."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 from streams.records import DeadLetter
 from streams.topics import Topics
 from tests.integration.harness import Deployment, GenericChannel, message, wait_until
+from tests.integration.test_providers import WhatsApp
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; the Makefile installs it
 DEPLOYMENT_ENV = {"PARLEY_WORKER_RETRIES": "1", "PARLEY_TIMEOUT_IDLE": "1800"}  # deadlines within the hour
@@ -30,6 +32,7 @@ WAIT_MS = 30_000  # playwright's expect() polls the page until then
 # Each would set window.__pwned if the page ever parsed it as HTML (and CSP did not stop it).
 XSS_TEXT = '<img src=x onerror="window.__pwned=1"> hello <b>bold</b>'
 XSS_CONTACT = '<img src=x onerror="window.__pwned=2">'
+XSS_NAME = '<img src=x onerror="window.__pwned=5">Ana'  # a WhatsApp contact's profile name
 XSS_ERROR = 'undecodable event: <img src=x onerror="window.__pwned=3"><script>window.__pwned=4</script>'
 
 
@@ -61,6 +64,28 @@ async def _conversation(http: aiohttp.ClientSession, dep: Deployment, contact: s
         return items[0] if items else None
 
     return await wait_until(found, 30, f"the conversation of {contact!r}")
+
+
+async def _whatsapp_with_a_hostile_profile_name(http: aiohttp.ClientSession, dep: Deployment) -> str:
+    """A WhatsApp channel and one message whose contact's profile name looks like HTML; the contact."""
+    wa = WhatsApp(dep)
+    async with http.post(
+        f"{dep.base_url}/v1/channels",
+        headers=dep.admin_headers(),
+        json={
+            "id": wa.id,
+            "provider": "whatsapp",
+            "phone_number_id": wa.phone,
+            "app_secret": wa.app_secret,
+            "verify_token": wa.verify_token,
+        },
+    ) as r:
+        assert r.status == 201, await r.text()
+    body, contact = wa.fixture("text")
+    body["entry"][0]["changes"][0]["value"]["contacts"][0]["profile"]["name"] = XSS_NAME
+    status, answer = await wa.post(http, body)
+    assert status == 200, answer
+    return contact
 
 
 async def _park_letter(dep: Deployment, key: str) -> None:
@@ -97,7 +122,9 @@ async def test_the_console_shows_filters_opens_and_closes_and_never_runs_data_as
     await _send(http, deployment, channel, plain, "hi, my order is late")
     await _send(http, deployment, channel, hostile, XSS_TEXT)
     await _send(http, deployment, channel, XSS_CONTACT, "a contact id that looks like HTML")
+    wa_contact = await _whatsapp_with_a_hostile_profile_name(http, deployment)
     conv_plain = await _conversation(http, deployment, plain)
+    conv_wa = await _conversation(http, deployment, wa_contact)
     conv_hostile = await _conversation(http, deployment, hostile)
     conv_xss_contact = await _conversation(http, deployment, XSS_CONTACT)
     letter_key = f"{channel.id}/<b>{run}</b>"
@@ -121,10 +148,10 @@ async def test_the_console_shows_filters_opens_and_closes_and_never_runs_data_as
     assert await page.evaluate("localStorage.length") == 0
 
     # Overview: counts, timers, dead letters, lag; polled without a reload.
-    await expect(page.locator("#ov-open")).to_have_text("3", timeout=WAIT_MS)
-    await expect(page.locator("#ov-state-idle")).to_have_text("3")
+    await expect(page.locator("#ov-open")).to_have_text("4", timeout=WAIT_MS)
+    await expect(page.locator("#ov-state-idle")).to_have_text("4")
     await expect(page.locator("#ov-closed-24h")).to_have_text("0")
-    await expect(page.locator("#ov-timers-hour")).to_have_text("3")  # idle timeout 30 min
+    await expect(page.locator("#ov-timers-hour")).to_have_text("4")  # idle timeout 30 min
     await expect(page.locator("#ov-timers-minute")).to_have_text("0")
     await expect(page.locator("#ov-dead-letters")).to_have_text("1", timeout=WAIT_MS)
     await expect(page.locator("#ov-newest-error")).to_have_text(XSS_ERROR)
@@ -136,7 +163,7 @@ async def test_the_console_shows_filters_opens_and_closes_and_never_runs_data_as
     # Conversations: every one, then filtered by contact, state and channel.
     await page.click("nav a[data-view=conversations]")
     rows = page.locator("#conversations tbody tr")
-    await expect(rows).to_have_count(3, timeout=WAIT_MS)
+    await expect(rows).to_have_count(4, timeout=WAIT_MS)
     await expect(
         page.locator(f'#conversations tr[data-id="{conv_xss_contact["id"]}"] td.contact')
     ).to_have_text(XSS_CONTACT)
@@ -153,7 +180,7 @@ async def test_the_console_shows_filters_opens_and_closes_and_never_runs_data_as
     await expect(rows).to_have_count(0, timeout=WAIT_MS)
     await page.fill("#filter-contact", "")
     await page.select_option("#filter-state", "idle")
-    await expect(rows).to_have_count(3, timeout=WAIT_MS)
+    await expect(rows).to_have_count(4, timeout=WAIT_MS)
     await page.select_option("#filter-channel", channel.id)
     await expect(page).to_have_url(re.compile(r"state=idle&channel="))
     await expect(rows).to_have_count(3, timeout=WAIT_MS)
@@ -191,11 +218,17 @@ async def test_the_console_shows_filters_opens_and_closes_and_never_runs_data_as
     await expect(rows.first).to_have_attribute("data-id", conv_hostile["id"])
     await page.click("nav a[data-view=overview]")
     await expect(page.locator("#ov-closed-24h")).to_have_text("1", timeout=WAIT_MS)
-    await expect(page.locator("#ov-open")).to_have_text("2")
+    await expect(page.locator("#ov-open")).to_have_text("3")
+    await expect(page.locator("#card-close-reasons")).to_contain_text("agent_closed")
+    await _shot(page, "overview-after-close")
 
     # The contact id that looks like HTML, on its conversation page.
     await page.goto(f"{deployment.base_url}/#/conversations/{conv_xss_contact['id']}")
     await expect(page.locator("#conv-contact")).to_have_text(XSS_CONTACT, timeout=WAIT_MS)
+    # The WhatsApp contact's profile name (from the provider's payload), as text.
+    await page.goto(f"{deployment.base_url}/#/conversations/{conv_wa['id']}")
+    await expect(page.locator("#conv-contact-name")).to_have_text(XSS_NAME, timeout=WAIT_MS)
+    await expect(page.locator("#messages .message-text")).to_have_text(["Does it come in another color?"])
 
     # Dead letters: the error and key as text; retry re-drives it, and the poison is parked again.
     await page.click("nav a[data-view=dead-letters]")
@@ -212,8 +245,8 @@ async def test_the_console_shows_filters_opens_and_closes_and_never_runs_data_as
     await _shot(page, "dead-letters")
 
     await page.click("nav a[data-view=channels]")
-    await expect(page.locator("#channels tbody tr")).to_have_count(1, timeout=WAIT_MS)
-    await expect(page.locator("#channels tbody tr td").first).to_have_text(channel.id)
+    await expect(page.locator("#channels tbody tr")).to_have_count(2, timeout=WAIT_MS)
+    await expect(page.locator("#channels")).to_contain_text(channel.id)
     await _shot(page, "channels")
 
     assert await page.evaluate("window.__pwned") is None
