@@ -48,6 +48,7 @@ CHROMIUM := /usr/bin/chromium
 browser: $(CHROMIUM)
 
 $(CHROMIUM):
+	export DEBIAN_FRONTEND=noninteractive; \
 	apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)
 
 test: setup lint $(CHROMIUM)
