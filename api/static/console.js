@@ -244,7 +244,7 @@
   }
 
   function ticks(status) {
-    const marks = { queued: "🕓", received: "", sent: "✓", delivered: "✓✓", read: "✓✓", played: "✓✓", failed: "✗" };
+    const marks = { queued: "○", received: "", sent: "✓", delivered: "✓✓", read: "✓✓", played: "✓✓", failed: "✗" };
     return el("span", { class: `ticks ${status}`, title: status, "aria-label": status }, marks[status] ?? "");
   }
   function payloadOf(m) {

@@ -66,8 +66,10 @@ async def _conversation(http: aiohttp.ClientSession, dep: Deployment, contact: s
     return await wait_until(found, 30, f"the conversation of {contact!r}")
 
 
-async def _whatsapp_with_a_hostile_profile_name(http: aiohttp.ClientSession, dep: Deployment) -> str:
-    """A WhatsApp channel and one message whose contact's profile name looks like HTML; the contact."""
+async def _whatsapp_with_a_hostile_profile_name(
+    http: aiohttp.ClientSession, dep: Deployment
+) -> tuple[WhatsApp, str]:
+    """A WhatsApp channel and one message whose contact's profile name looks like HTML."""
     wa = WhatsApp(dep)
     async with http.post(
         f"{dep.base_url}/v1/channels",
@@ -85,7 +87,36 @@ async def _whatsapp_with_a_hostile_profile_name(http: aiohttp.ClientSession, dep
     body["entry"][0]["changes"][0]["value"]["contacts"][0]["profile"]["name"] = XSS_NAME
     status, answer = await wa.post(http, body)
     assert status == 200, answer
-    return contact
+    return wa, contact
+
+
+async def _replies_one_read(
+    http: aiohttp.ClientSession, dep: Deployment, wa: WhatsApp, contact: str, conv_id: str
+) -> list[str]:
+    """Two replies recorded as sent by the business, the first then read by the user (Meta's
+    receipt); their statuses once the worker has applied everything."""
+    wamids = [f"wamid.out-{uuid.uuid4().hex}" for _ in range(2)]
+    for i, wamid in enumerate(wamids):
+        async with http.post(
+            f"{dep.base_url}/v1/conversations/{conv_id}/messages",
+            json={"provider_message_id": wamid, "text": f"reply {i + 1}"},
+            headers=dep.admin_headers(),
+        ) as r:
+            assert r.status == 202, await r.text()
+    receipt, _ = wa.fixture("status_read", contact)
+    receipt["entry"][0]["changes"][0]["value"]["statuses"][0].update(
+        {"id": wamids[0], "status": "read", "timestamp": str(int(datetime.now(UTC).timestamp()))}
+    )
+    assert (await wa.post(http, receipt))[0] == 200
+
+    async def statuses() -> list[str] | None:
+        async with http.get(
+            f"{dep.base_url}/v1/conversations/{conv_id}/messages", headers=dep.admin_headers()
+        ) as r:
+            out = [m["status"] for m in (await r.json())["items"] if m["direction"] == "outbound"]
+        return out if len(out) == 2 and out[0] == "read" else None
+
+    return await wait_until(statuses, 30, "the replies, the first one read")
 
 
 async def _park_letter(dep: Deployment, key: str) -> None:
@@ -122,9 +153,10 @@ async def test_the_console_shows_filters_opens_and_closes_and_never_runs_data_as
     await _send(http, deployment, channel, plain, "hi, my order is late")
     await _send(http, deployment, channel, hostile, XSS_TEXT)
     await _send(http, deployment, channel, XSS_CONTACT, "a contact id that looks like HTML")
-    wa_contact = await _whatsapp_with_a_hostile_profile_name(http, deployment)
+    wa, wa_contact = await _whatsapp_with_a_hostile_profile_name(http, deployment)
     conv_plain = await _conversation(http, deployment, plain)
     conv_wa = await _conversation(http, deployment, wa_contact)
+    reply_statuses = await _replies_one_read(http, deployment, wa, wa_contact, conv_wa["id"])
     conv_hostile = await _conversation(http, deployment, hostile)
     conv_xss_contact = await _conversation(http, deployment, XSS_CONTACT)
     letter_key = f"{channel.id}/<b>{run}</b>"
@@ -228,7 +260,15 @@ async def test_the_console_shows_filters_opens_and_closes_and_never_runs_data_as
     # The WhatsApp contact's profile name (from the provider's payload), as text.
     await page.goto(f"{deployment.base_url}/#/conversations/{conv_wa['id']}")
     await expect(page.locator("#conv-contact-name")).to_have_text(XSS_NAME, timeout=WAIT_MS)
-    await expect(page.locator("#messages .message-text")).to_have_text(["Does it come in another color?"])
+    await expect(page.locator("#messages .message-text")).to_have_text(
+        ["Does it come in another color?", "reply 1", "reply 2"]
+    )
+    # Direction and status ticks: none inbound, ○ queued, ✓ sent, ✓✓ delivered, blue ✓✓ read.
+    await expect(page.locator("#messages .direction")).to_have_text(["→ in", "← out", "← out"])
+    marks = {"queued": "○", "sent": "✓", "delivered": "✓✓", "read": "✓✓"}
+    await expect(page.locator("#messages .ticks")).to_have_text(["", *(marks[s] for s in reply_statuses)])
+    await expect(page.locator("#messages .ticks").nth(1)).to_have_class("ticks read")
+    await _shot(page, "conversation-whatsapp")
 
     # Dead letters: the error and key as text; retry re-drives it, and the poison is parked again.
     await page.click("nav a[data-view=dead-letters]")
