@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import faust
@@ -13,6 +14,7 @@ from agents.ledger import LedgerPruner
 from agents.lifecycle import LifecycleAgent
 from agents.metrics import serve
 from agents.outbox import OutboxRelay
+from agents.pause import PauseSwitch
 from agents.sender import SendAgent
 from agents.sweep import Sweep
 from agents.webhooks import WebhookAgent
@@ -129,7 +131,11 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
         max_refires=settings.sweep_max_refires,
     )
     pruner = LedgerPruner(
-        lifecycle.pool, settings.topic_retention, settings.ledger_prune_margin, settings.ledger_prune_interval
+        lifecycle.pool,
+        settings.topic_retention,
+        settings.ledger_prune_margin,
+        settings.ledger_prune_interval,
+        None if settings.retention_days is None else timedelta(days=settings.retention_days),
     )
     app.task(lifecycle.scheduler.run)
     app.task(lifecycle.scheduler.load_ahead)
@@ -155,6 +161,11 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
     sending.register()
     sender = sending.sender
     lifecycle.sends_queued = sender.take_local
+    switch = PauseSwitch(settings.database_url)
+    switch.add("lifecycle", lifecycle.intake)
+    switch.add("webhooks", webhooks.intake, dispatcher)
+    switch.add("sender", sending.intake, sender)
+    app.task(switch.run)
 
     async def stop_relay(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         await outbox.stop()
@@ -173,9 +184,9 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_timers_repaired_total": lifecycle.scheduler.repaired,
                 "parley_timers_dropped_total": lifecycle.scheduler.dropped,
                 "parley_timers_loaded_total": lifecycle.scheduler.loaded,
-                # every owned action due before this (ms since epoch) is in memory; 0: not loaded yet
-                "parley_timers_loaded_until_ms": lifecycle.scheduler.horizon.loaded_until,
-                "parley_timer_lateness_p99_ms": lateness[int(0.99 * (len(lateness) - 1))],
+                # every owned action due before this (s since epoch) is in memory; 0: not loaded yet
+                "parley_timers_loaded_until_seconds": lifecycle.scheduler.horizon.loaded_until / 1000,
+                "parley_timer_lateness_p99_seconds": lateness[int(0.99 * (len(lateness) - 1))] / 1000,
                 "parley_sweep_runs_total": sweep.runs,
                 "parley_sweep_refired_total": sweep.refired_total,
                 "parley_lifecycle_parking_failures_total": lifecycle.parking_failures,
@@ -183,6 +194,7 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_sweep_skipped_total": sweep.skipped_total,
                 "parley_ledger_pruned_total": pruner.pruned_total,
                 "parley_outbox_pruned_total": pruner.outbox_pruned_total,
+                "parley_retention_conversations_deleted_total": pruner.expired_total,
                 "parley_outbox_published_total": outbox.published,
                 "parley_webhook_deliveries_created_total": webhooks.fanned_out,
                 "parley_webhook_delivered_total": dispatcher.delivered,
@@ -197,6 +209,8 @@ def create_app(settings: Settings) -> tuple[faust.App, LifecycleAgent]:
                 "parley_sends_resent_after_doubt_total": sender.resends_in_doubt,
                 "parley_sends_pending": sender.pending,
                 "parley_sends_taken_in_process_total": sender.taken_local,
+                "parley_lifecycle_intake_pending": len(lifecycle.intake.pending),
+                **{f'parley_paused{{part="{part}"}}': int(part in switch.paused) for part in switch.parts},
             }
 
         def health() -> str | None:

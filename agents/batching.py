@@ -56,6 +56,17 @@ class BatchIntake:
         self.ready = asyncio.Event()
         self.paused: set[TP] = set()
         self.dropped = 0  # messages cleared by a rebalance (fetched again from the committed offset)
+        # Cleared while an operator pauses this part (POST /v1/admin/pause): the agent takes no
+        # batch; what was fetched waits unacked, and backpressure stops the fetch two batches in.
+        self.running = asyncio.Event()
+        self.running.set()
+
+    def hold(self, paused: bool) -> None:
+        """Pause (True) or resume (False) the agent that drains this intake."""
+        if paused:
+            self.running.clear()
+        else:
+            self.running.set()
 
     def put(self, messages: list[Message]) -> None:
         self.pending.extend(messages)
@@ -231,6 +242,7 @@ async def consume_batches(
     async def writer() -> None:
         while True:
             await intake.ready.wait()
+            await intake.running.wait()
             if len(intake.pending) < intake.limit and linger > 0:
                 await asyncio.sleep(linger)  # batching window, not synchronisation
             batch = intake.take()

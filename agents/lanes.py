@@ -187,6 +187,8 @@ class LaneEngine(Generic[T]):
         # starts (work handed over in-process is taken only for these; see Sender.take_local).
         self.held: set[int] = set()
         self._reloading = asyncio.Lock()
+        # An operator's pause (POST /v1/admin/pause): no request is started; those out finish.
+        self.paused = False
 
     @property
     def pending(self) -> int:

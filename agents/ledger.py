@@ -39,6 +39,55 @@ DELETE FROM outbox WHERE ctid = ANY(ARRAY(
 """
 
 
+# One chunk of retention, one statement: its sub-statements see one snapshot, and the foreign
+# keys are checked at its end, when the referencing rows are gone too.
+_RETENTION_CHUNK = """
+WITH gone AS (
+    SELECT c.id FROM conversations c
+    WHERE c.state = 'closed' AND c.closed_at < $1
+      AND NOT EXISTS (SELECT 1 FROM outbound_sends s
+                      WHERE s.conversation_id = c.id AND s.status IN ('queued', 'sending'))
+    ORDER BY c.closed_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), msgs AS (
+    DELETE FROM messages WHERE conversation_id IN (SELECT id FROM gone)
+    RETURNING channel_id, provider_message_id
+), sends AS (
+    DELETE FROM outbound_sends WHERE conversation_id IN (SELECT id FROM gone)
+    RETURNING channel_id, provider_message_id
+), receipts AS (
+    DELETE FROM message_receipts r USING (SELECT * FROM msgs UNION SELECT * FROM sends) m
+    WHERE r.channel_id = m.channel_id AND r.provider_message_id = m.provider_message_id
+    RETURNING 1
+), audit AS (
+    DELETE FROM conversation_events WHERE conversation_id IN (SELECT id FROM gone) RETURNING 1
+), unlinked AS (
+    UPDATE conversations SET previous_conversation_id = NULL
+    WHERE previous_conversation_id IN (SELECT id FROM gone) AND id NOT IN (SELECT id FROM gone)
+    RETURNING 1
+), deleted AS (
+    DELETE FROM conversations WHERE id IN (SELECT id FROM gone) RETURNING 1
+)
+SELECT (SELECT count(*) FROM deleted) AS conversations, (SELECT count(*) FROM msgs) AS messages,
+       (SELECT count(*) FROM receipts) AS receipts, (SELECT count(*) FROM audit) AS audit,
+       (SELECT count(*) FROM sends) AS sends, (SELECT count(*) FROM unlinked) AS unlinked
+"""
+
+
+async def expire(pool: asyncpg.Pool, cut: datetime, chunk: int = 500) -> dict[str, int]:
+    """Delete conversations closed before `cut` and what belongs to them, chunk by chunk;
+    returns how many rows of each kind went."""
+    totals = {"conversations": 0, "messages": 0, "receipts": 0, "audit": 0, "sends": 0, "unlinked": 0}
+    async with pool.acquire() as conn:
+        while True:
+            row = await conn.fetchrow(_RETENTION_CHUNK, cut, chunk)
+            assert row is not None
+            for k in totals:
+                totals[k] += row[k]
+            if row["conversations"] < chunk:
+                return totals
+
+
 def prune_cut(now: datetime, retention: timedelta, margin: timedelta) -> datetime | None:
     """Rows processed before this can go; None when the retention is infinite."""
     if retention < timedelta(0):
@@ -79,13 +128,31 @@ class LedgerPruner:
         retention: timedelta,
         margin: timedelta,
         interval: timedelta,
+        keep_closed: timedelta | None = None,
     ) -> None:
         self.pool = pool
         self.retention = retention
         self.margin = margin
         self.interval = interval
+        self.keep_closed = keep_closed  # PARLEY_RETENTION_DAYS; None: closed conversations stay
         self.pruned_total = 0
         self.outbox_pruned_total = 0
+        self.expired_total = 0  # closed conversations deleted by retention
+
+    async def expire_once(self, now: datetime | None = None) -> dict[str, int]:
+        """One retention round (nothing when PARLEY_RETENTION_DAYS is not set)."""
+        if self.keep_closed is None:
+            return {}
+        cut = (now or datetime.now(UTC)) - self.keep_closed
+        gone = await expire(await self.pool(), cut)
+        self.expired_total += gone["conversations"]
+        log.log(
+            logging.INFO if gone["conversations"] else logging.DEBUG,
+            "retention: deleted %s (conversations closed before %s)",
+            ", ".join(f"{n} {what}" for what, n in gone.items()),
+            cut.isoformat(),
+        )
+        return gone
 
     async def run_once(self, now: datetime | None = None) -> int:
         """One pruning round; returns how many rows it deleted."""
@@ -106,13 +173,17 @@ class LedgerPruner:
         return n
 
     async def run(self) -> None:
-        """Prune at start and then every interval; a failed round is logged and tried again."""
-        if self.retention < timedelta(0) or self.interval <= timedelta(0):
-            log.info("ledger: never pruned (infinite topic retention or interval 0)")
+        """Prune (and expire) at start and then every interval; a failed round is logged and
+        tried again."""
+        if self.interval <= timedelta(0):
+            log.info("ledger: never pruned (interval 0)")
             return
+        if self.retention < timedelta(0):
+            log.info("ledger: never pruned (infinite topic retention)")
         while True:
-            try:
-                await self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the next round retries
-                log.warning("ledger: pruning failed: %s: %s", type(exc).__name__, exc)
+            for step in (self.run_once, self.expire_once):
+                try:
+                    await step()
+                except Exception as exc:  # noqa: BLE001 - the next round retries
+                    log.warning("ledger: %s failed: %s: %s", step.__name__, type(exc).__name__, exc)
             await asyncio.sleep(self.interval.total_seconds())  # the pruner's own period

@@ -55,12 +55,16 @@ class LagCollector(Collector):
 
 
 def render(values: dict[str, float]) -> str:
-    """Prometheus exposition text for flat name -> value pairs (ints exact: a timestamp in ms
-    would lose its last digits to %g)."""
-    return "".join(
-        f"{name} {value if isinstance(value, int) else format(value, 'g')}\n"
-        for name, value in sorted(values.items())
-    )
+    """Prometheus exposition text for flat name -> value pairs, every digit kept (a timestamp in
+    seconds with its ms would lose them to %g alone)."""
+    return "".join(f"{name} {_number(value)}\n" for name, value in sorted(values.items()))
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    short = format(value, "g")
+    return short if float(short) == value else repr(value)
 
 
 async def serve(host: str, port: int, gauges: Gauges, health: Health, lag: Lag) -> web.AppRunner:

@@ -236,6 +236,8 @@ class Sender(LaneEngine[db.Send]):
                 w.cancel()
 
     def _start_ready(self, now: float) -> None:
+        if self.paused:
+            return
         views = self.channels.views
         for channel_id in self.lanes.groups():
             view = views.get(channel_id)

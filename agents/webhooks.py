@@ -170,6 +170,8 @@ class Dispatcher(LaneEngine[db.Delivery]):
             writer.cancel()
 
     async def _start_ready(self) -> None:
+        if self.paused:
+            return
         endpoints = self.endpoints.by_id
         if self.endpoints.stale:
             try:

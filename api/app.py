@@ -16,10 +16,12 @@ from api import (
     metrics,
     openapi,
     overview,
+    pause,
     providers_routes,
     schedules,
     webhook_endpoints,
     webhooks,
+    whatif,
 )
 from api.context import CONTEXT, ChannelCache, Context
 from api.health import Readiness
@@ -70,9 +72,11 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(schedules.routes)
     app.add_routes(webhook_endpoints.routes)
     app.add_routes(messages.routes)
+    app.add_routes(whatif.routes)
     app.add_routes(openapi.routes)
     app.add_routes(metrics.routes)
     app.add_routes(overview.routes)
+    app.add_routes(pause.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(settings.database_url, settings.db_pool_size)
@@ -95,5 +99,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(resources)
     app.cleanup_ctx.append(schedules.answers_ctx)  # after resources: it uses CONTEXT
     app.cleanup_ctx.append(webhook_endpoints.sender_ctx)
+    app.cleanup_ctx.append(whatif.jobs_ctx)
     app.cleanup_ctx.append(overview.sampler_ctx)
     return app

@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from api.admin import ACCEPT_IN, CLOSE_IN
 from api.channels import CHANNEL_PATCH
 from api.messages import CHANNEL_SEND_IN
+from api.pause import PAUSE_IN
 from api.schedules import MAX_BATCH, ResultIn, ScheduleIn
 from api.webhook_endpoints import ENDPOINT_IN, ENDPOINT_PATCH, REPLAY_IN
+from api.whatif import WHATIF_IN
 from channels.config import CHANNEL_IN, GenericWebhook
 from channels.outbound import OUTBOUND_CONTENT
 from domain.schedules import KEY_PATTERN
@@ -63,6 +65,8 @@ ENDPOINT = obj("id", "url", "events", "enabled", id=STR, url=STR, events={"type"
 CREATED_ENDPOINT = obj("id", "url", "events", "secret", id=STR, secret=STR)
 DELIVERY = obj("id", "status", "attempts", id=INT, status=STR, attempts=INT)
 HEALTH = obj("status", status=STR)
+WHATIF_JOB = obj("id", "status", id=STR, status=STR)
+PAUSED = obj("paused", paused={"type": "object", "additionalProperties": STR})
 COUNTS: Schema = {"type": "object", "additionalProperties": INT}
 NINT: Schema = {"type": ["integer", "null"]}
 NNUM: Schema = {"type": ["number", "null"]}
@@ -79,7 +83,9 @@ OVERVIEW = obj(
     "lag",
     "lag_error",
     "events",
+    "paused",
     generated_at=STR,
+    paused={"type": "object", "additionalProperties": obj("since", "reason", since=STR, reason=STR)},
     cap=INT,
     conversations=obj(
         "open_by_state",
@@ -235,6 +241,36 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ),
     ("GET", "/openapi.json"): Op("This document", {200: {"type": "object"}}, tag="docs"),
     ("GET", "/docs"): Op("This document as a page", {200: {}}, answers="text/html", tag="docs"),
+    # what-if
+    ("POST", "/v1/whatif"): Op(
+        "Replay the retained log under the current and a changed policy (a job in this API process)",
+        {202: WHATIF_JOB},
+        errors=(*BODY_ERRORS, 429),
+        body=_model("WhatIfIn", WHATIF_IN),
+        tag="what-if",
+    ),
+    ("GET", "/v1/whatif/{id}"): Op(
+        "A what-if job's progress, and its comparison once done",
+        {200: WHATIF_JOB},
+        errors=(404,),
+        tag="what-if",
+    ),
+    # the emergency switch
+    ("POST", "/v1/admin/pause"): Op(
+        "Pause the lifecycle agent, the sender, the webhooks or all, on every worker, until resumed",
+        {200: PAUSED},
+        errors=BODY_ERRORS,
+        body=_model("PauseIn", PAUSE_IN),
+        tag="operations",
+    ),
+    ("POST", "/v1/admin/resume"): Op(
+        "Resume a paused part",
+        {200: PAUSED},
+        errors=BODY_ERRORS,
+        body=_model("PauseIn", PAUSE_IN),
+        tag="operations",
+    ),
+    ("GET", "/v1/admin/paused"): Op("What is paused, and since when", {200: PAUSED}, tag="operations"),
     # conversations
     ("GET", "/v1/conversations"): Op(
         "A page of conversations, newest first",
@@ -514,6 +550,7 @@ _REASONS = {
     413: "body larger than PARLEY_MAX_BODY_BYTES",
     415: "unsupported content type",
     422: "the body does not validate; `details` says where",
+    429: "too many of these running in this process; retry later",
     503: "Kafka or Postgres unavailable; retry",
     504: "the worker did not answer in time; the command may still apply (retry, same Idempotency-Key)",
 }

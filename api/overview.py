@@ -1,4 +1,5 @@
-"""GET /v1/overview: the console's aggregates, each from a bounded or indexed query.
+"""GET /v1/overview: the console's aggregates, each from a bounded or indexed query, and what is
+paused (the emergency switch's table, at most three rows).
 
 Every count stops at CAP (`LIMIT CAP + 1` under the count: a number above CAP means "more than
 CAP"), and every time series reads an index range of the last hour, so one request costs at most
@@ -186,6 +187,7 @@ async def _database(pool: asyncpg.Pool) -> dict[str, Any]:
         reasons = await conn.fetch(_REASONS)
         newest = await conn.fetchrow(_NEWEST_LETTER)
         endpoints = await conn.fetch(_ENDPOINTS)
+        paused = await conn.fetch("SELECT part, paused_at, reason FROM paused_parts ORDER BY part")
     assert counts is not None
     by_state = {s: 0 for s in OPEN_STATES}
     by_state.update({r["state"]: r["n"] for r in open_rows})
@@ -242,6 +244,7 @@ async def _database(pool: asyncpg.Pool) -> dict[str, Any]:
             ],
         },
         "schedules": {r["status"]: r["n"] for r in schedules},
+        "paused": {r["part"]: {"since": r["paused_at"].isoformat(), "reason": r["reason"]} for r in paused},
     }
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
-from bench import baselines, batches, cpu, pipeline, recovery, schedules, sends, timers, webhooks
+from bench import baselines, batches, cpu, pipeline, recovery, schedules, sends, timers, webhooks, whatif
 from bench.stats import pct, row, summary_ms
 from tests.integration.harness import Deployment, GenericChannel, Services, local_services
 
@@ -269,7 +269,15 @@ def main() -> None:
     parser.add_argument(
         "--noop-only", action="store_true", help="only the Faust no-op, per-event vs batch path, 3 rounds"
     )
+    parser.add_argument(
+        "--whatif-only",
+        action="store_true",
+        help="only the what-if simulation (pure, no services): events/s on a 1M-event synthetic log",
+    )
     args = parser.parse_args()
+    if args.whatif_only:
+        whatif.run(int(1_000_000 * args.scale))
+        return
     only = [args.projection_only, args.recovery_only, args.schedules_only, args.webhooks_only]
     if any(only) or args.sends_only or args.noop_only:
         with local_services("parley-bench-") as services:
@@ -298,6 +306,7 @@ def main() -> None:
         from bench import bench_timer_wheel
 
         bench_timer_wheel.main()
+    whatif.run(int(1_000_000 * args.scale))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from bench.progress import waiting
 from channels import whatsapp
 from streams.records import InboundMessage
 from streams.topics import Topics, thread_key
-from tests.integration.harness import Deployment, GenericChannel, message, wait_until
+from tests.integration.harness import Deployment, GenericChannel, message
 
 
 async def register(http: aiohttp.ClientSession, dep: Deployment, ch: GenericChannel) -> None:
@@ -87,10 +88,10 @@ async def worker_throughput(dep: Deployment, channel_id: str, n: int, contacts: 
         await produce_messages(dep.services.bootstrap, topic, channel_id, items)
         base = await stored_rows(db)
         dep.start("worker")
-        await wait_until(lambda: _reached(db, base + 1), 120, "the first row")
+        await waiting(lambda: _reached(db, base + 1), 120, "the first row")
         start = time.perf_counter()
         first = await stored_rows(db) - base
-        await wait_until(lambda: _reached(db, base + n), 600, "all rows")
+        await waiting(lambda: _reached(db, base + n), 600, "all rows")
         return (n - first) / (time.perf_counter() - start)
     finally:
         await db.close()
@@ -194,7 +195,7 @@ async def webhook_to_row(dep: Deployment, sent: list[tuple[str, float]]) -> list
     db = await asyncpg.connect(dep.database_url)
     try:
         ids = [s[0] for s in sent]
-        await wait_until(lambda: _all_in(db, ids), 300, "every paced message")
+        await waiting(lambda: _all_in(db, ids), 300, "every paced message")
         rows = await db.fetch(
             "SELECT provider_message_id, extract(epoch FROM created_at) AS at FROM messages"
             " WHERE channel_id = 'bench' AND direction = 'inbound'"
@@ -234,6 +235,6 @@ async def drained(dep: Deployment) -> None:
             b: int = await db.fetchval("SELECT count(*) FROM processed_events")
             return a == b
 
-        await wait_until(idle, 600, "the worker to drain its backlog")
+        await waiting(idle, 600, "the worker to drain its backlog")
     finally:
         await db.close()

@@ -7,7 +7,7 @@ distributions of due times (each in its own fresh deployment and database):
   within it and in memory (what every pending action cost before the horizon).
 
 Nothing comes due during the bench. "Hold" is the worker's first load done (every owned action
-due before its horizon in memory, parley_timers_loaded_until_ms > 0), timed from the process
+due before its horizon in memory, parley_timers_loaded_until_seconds > 0), timed from the process
 start, first with the actions in Postgres alone, then after a graceful restart. Memory per pending
 action is (worker RSS holding them - RSS of the same worker with nothing pending) / n: RSS, all
 in (allocator slack and the load's transient buffers included), not a heap count."""
@@ -24,9 +24,10 @@ import aiohttp
 import asyncpg
 import psutil
 
+from bench.progress import waiting
 from domain.actions import CLOSE, close_token
 from streams.topics import partition_of
-from tests.integration.harness import Deployment, Services, wait_until
+from tests.integration.harness import Deployment, Services
 from tests.integration.worker_helpers import metrics
 
 
@@ -99,9 +100,9 @@ async def _time_to_hold(http: aiohttp.ClientSession, dep: Deployment) -> tuple[f
 
     async def loaded() -> dict[str, float] | None:
         got = await metrics(http, dep)
-        return got if got.get("parley_timers_loaded_until_ms", 0) > 0 else None
+        return got if got.get("parley_timers_loaded_until_seconds", 0) > 0 else None
 
-    got = await wait_until(loaded, 900, "the worker's first load")
+    got = await waiting(loaded, 900, "the worker's first load")
     return time.perf_counter() - started, int(got["parley_timers_active"])
 
 

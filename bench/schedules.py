@@ -12,7 +12,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from tests.integration.harness import Deployment, wait_until
+from bench.progress import waiting
+from tests.integration.harness import Deployment
 
 
 async def _batch(http: aiohttp.ClientSession, dep: Deployment, items: list[dict[str, Any]]) -> None:
@@ -96,7 +97,7 @@ async def firing(http: aiohttp.ClientSession, dep: Deployment, n: int, create_ra
             )
             return got >= n
 
-        await wait_until(published, 600, f"all {n:,} schedules fired and published")
+        await waiting(published, 600, f"all {n:,} schedules fired and published")
         rows = await db.fetch(
             "SELECT extract(epoch FROM s.fired_at - s.run_at) AS fire,"
             " extract(epoch FROM o.published_at - s.run_at) AS publish,"

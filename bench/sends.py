@@ -42,6 +42,7 @@ import orjson
 import uvloop
 
 from bench import baselines, cpu
+from bench.progress import waiting
 from bench.stats import row, summary_ms
 from channels import outbound
 from parley.localstack import ROOT, die_with_parent, free_port, stop
@@ -260,7 +261,7 @@ async def backlog(http: aiohttp.ClientSession, dep: Deployment, n: int) -> None:
     async def held() -> bool:
         return await metric(http, dep, "parley_sends_pending") >= n
 
-    await wait_until(held, 300, f"the sender to hold {n:,} queued sends")
+    await waiting(held, 300, f"the sender to hold {n:,} queued sends")
 
 
 def span(accepted: list[dict[str, Any]], phone: str) -> tuple[float, float, int, int]:

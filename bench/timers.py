@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.scheduler import pack, wheel_key
 from bench.pipeline import produce_messages
+from bench.progress import waiting
 from domain.actions import CLOSE, close_token
 from domain.timer_wheel import TimerWheel
 from streams.records import CONVERSATION_EVENT, TimerFiredRecord
@@ -76,7 +77,7 @@ async def firing(dep: Deployment, channel_id: str, n: int, spread_s: float, idle
             got: int = await db.fetchval("SELECT count(*) FROM conversations WHERE contact_id LIKE $1", like)
             return got >= n
 
-        await wait_until(opened, 600, "every conversation opened")
+        await waiting(opened, 600, "every conversation opened")
         armed = datetime.now(UTC)
         if armed > start + timedelta(seconds=idle_s):
             print(

@@ -30,6 +30,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from bench import baselines, cpu
+from bench.progress import waiting
 from bench.stats import row, summary_ms
 from parley.localstack import ROOT, die_with_parent, free_port, stop
 from tests.integration.harness import Deployment, Services, wait_until
@@ -79,7 +80,7 @@ class Receiver:
             got = await self.counts(http)
             return all(got.get(p, 0) >= n for p, n in want.items())
 
-        await wait_until(done, timeout, f"receipts {want}")
+        await waiting(done, timeout, f"receipts {want}")
 
 
 @contextmanager

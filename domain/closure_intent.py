@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Protocol
@@ -264,7 +264,7 @@ CONTRASTS = frozenset({"mas", "porem", "but", "however", "pero", "aunque"})
 Reply = Literal["affirmative", "negative", "other"]
 _Phrase = tuple[str, ...]
 _Words = tuple[str, ...]
-_Index = tuple[dict[str, tuple[_Phrase, ...]], tuple[_Phrase, ...]]
+_Index = tuple[dict[str, tuple[_Phrase, ...]], tuple[_Phrase, ...], dict[str, tuple[_Phrase, ...]]]
 _Match = tuple[_Words, int, int]
 
 
@@ -288,6 +288,13 @@ class PhraseClosureDetector:
     def confidence(self, text: str) -> float:
         """Return the closure confidence of one message text, between 0 and 1."""
         clauses = _clauses(text)
+        signalling = _signal_words(self.close_requests, self.farewells, self.thanks)
+        if not any(signalling(word) for clause in clauses for word in clause):
+            return 0.0  # no word can start a signal phrase: every signal is 0, so is the score
+        return self.score(clauses, text)
+
+    def score(self, clauses: tuple[_Words, ...], text: str) -> float:
+        """The confidence of a text's clauses, every phrase table looked up."""
         signals = (
             CLOSE_REQUEST_WEIGHT if _close_request(clauses, self.close_requests) else 0.0,
             FAREWELL_WEIGHT if _hits(clauses, self.farewells, negatable=True) else 0.0,
@@ -351,8 +358,11 @@ def _covered(clause: _Words) -> bool:
 @lru_cache(maxsize=256)
 def _clauses(text: str) -> tuple[_Words, ...]:
     """Accent-, case- and apostrophe-free words, grouped into punctuation-delimited clauses."""
-    folded = unicodedata.normalize("NFKD", text.casefold())
-    plain = "".join(c for c in folded if not unicodedata.combining(c))
+    if text.isascii():  # NFKD and case folding change nothing but the case: skip the per-character pass
+        plain = text.lower()
+    else:
+        folded = unicodedata.normalize("NFKD", text.casefold())
+        plain = "".join(c for c in folded if not unicodedata.combining(c))
     plain = plain.replace("'", "").replace("\u2019", "")
     parts = re.split(r"[.,;:!?\u00a1\u00bf\n]+", plain)
     return tuple(words for part in parts if (words := tuple(re.findall(r"\w+", part))))
@@ -367,14 +377,44 @@ def _compiled(table: tuple[str, ...]) -> _Index:
         if not phrase[0].endswith("*"):
             by_first.setdefault(phrase[0], []).append(phrase)
     stems = tuple(p for p in phrases if p[0].endswith("*"))
-    return {word: tuple(group) for word, group in by_first.items()}, stems
+    return {word: tuple(group) for word, group in by_first.items()}, stems, {}
+
+
+_CANDIDATES_PER_TABLE = 65_536  # words remembered per phrase table (cleared when full)
+
+
+@lru_cache(maxsize=8)
+def _signal_words(*tables: tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether a word can start a phrase of any of these tables (remembered per word): most
+    messages have no such word, and their score is 0 without looking for phrases."""
+    indexes = [_compiled(table) for table in tables]
+    seen: dict[str, bool] = {}
+
+    def signalling(word: str) -> bool:
+        found = seen.get(word)
+        if found is None:
+            found = any(_candidates(index, word) for index in indexes)
+            if len(seen) >= _CANDIDATES_PER_TABLE:
+                seen.clear()
+            seen[word] = found
+        return found
+
+    return signalling
 
 
 def _candidates(index: _Index, word: str) -> tuple[_Phrase, ...]:
-    by_first, stems = index
-    exact = by_first.get(word, ())
-    stemmed = tuple(p for p in stems if word.startswith(p[0][:-1]))
-    return tuple(sorted(exact + stemmed, key=len, reverse=True)) if stemmed else exact
+    by_first, stems, seen = index
+    found = seen.get(word)
+    if found is None:
+        # every stem is tried against every word: remember the answer per word (the what-if
+        # simulation scores millions of messages; chats reuse a small vocabulary)
+        exact = by_first.get(word, ())
+        stemmed = tuple(p for p in stems if word.startswith(p[0][:-1]))
+        found = tuple(sorted(exact + stemmed, key=len, reverse=True)) if stemmed else exact
+        if len(seen) >= _CANDIDATES_PER_TABLE:
+            seen.clear()
+        seen[word] = found
+    return found
 
 
 def _match_at(words: _Words, start: int, phrase: _Phrase) -> bool:

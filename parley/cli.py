@@ -180,7 +180,8 @@ def _worker_loaded(metrics: bytes) -> bool:
 
     values = parse_metrics(metrics.decode(errors="replace"))
     return (
-        values.get("parley_partitions_assigned", 0) > 0 and values.get("parley_timers_loaded_until_ms", 0) > 0
+        values.get("parley_partitions_assigned", 0) > 0
+        and values.get("parley_timers_loaded_until_seconds", 0) > 0
     )
 
 
@@ -453,6 +454,50 @@ def cmd_replay(settings: Settings, since: str | None, conversation: str | None, 
     return 0
 
 
+def cmd_whatif(settings: Settings, args: argparse.Namespace) -> int:
+    """Replay the retained log under the current and a changed policy (see streams/whatif.py)."""
+    from datetime import UTC, datetime
+
+    from domain.policy import parse_duration
+    from streams.whatif import WhatIfError, parse_time, print_progress, render, whatif
+
+    def json_progress(done: int, total: int) -> None:
+        sys.stderr.write(json.dumps({"progress": {"done": done, "total": total}}) + "\n")
+        sys.stderr.flush()
+
+    try:
+        now = datetime.now(UTC)
+        since = parse_time(args.since, now)
+        until = parse_time(args.until, now) if args.until else None
+        within = parse_duration(args.reopened_within)
+    except (WhatIfError, ValueError) as exc:
+        print(f"whatif: {exc}", file=sys.stderr, flush=True)
+        return 2
+    progress = {"bar": print_progress, "json": json_progress, "none": lambda done, total: None}[args.progress]
+    try:
+        result = asyncio.run(
+            whatif(
+                settings,
+                since=since,
+                until=until,
+                overrides=args.set,
+                channels=args.channel,
+                examples=args.examples,
+                check=not args.no_check,
+                reopened_within=within,
+                progress=progress,
+            )
+        )
+    except WhatIfError as exc:
+        print(f"whatif: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2), flush=True)
+    else:
+        print(render(result), flush=True)
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "worker": cmd_worker,
@@ -484,6 +529,31 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--since", help="ISO-8601 time with timezone; default: from the beginning")
     rp.add_argument("--conversation", help="rebuild only this conversation's thread")
     rp.add_argument("--dry-run", action="store_true", help="print what would be deleted and re-applied")
+    wi = sub.add_parser(
+        "whatif",
+        help="replay the retained log under the current and a changed lifecycle policy; writes nothing",
+    )
+    wi.add_argument(
+        "--since", required=True, help="ISO-8601 time with timezone, or a duration before now (P2D, PT6H)"
+    )
+    wi.add_argument("--until", help="end of the range (same forms); default: now")
+    wi.add_argument("--channel", action="append", default=[], help="only this channel (repeatable)")
+    wi.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a lifecycle setting of the changed policy, e.g. PARLEY_TIMEOUT_IDLE=PT24H (repeatable)",
+    )
+    wi.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    wi.add_argument("--examples", type=int, default=0, help="list N conversations whose outcome differs")
+    wi.add_argument("--no-check", action="store_true", help="do not compare the current run with Postgres")
+    wi.add_argument(
+        "--reopened-within",
+        default="PT24H",
+        help="a user message this soon after an automatic close counts as reopened-after-close",
+    )
+    wi.add_argument("--progress", choices=("bar", "json", "none"), default="bar", help="progress on stderr")
     args = parser.parse_args(argv)
     settings = Settings()
     _logging(settings)
@@ -493,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(settings, args.json)
     if args.command == "replay":
         return cmd_replay(settings, args.since, args.conversation, args.dry_run)
+    if args.command == "whatif":
+        return cmd_whatif(settings, args)
     return COMMANDS[args.command](settings)
 
 

@@ -186,6 +186,7 @@ UNION ALL SELECT 'dead letters', CASE WHEN retried_at IS NULL THEN 'not retried'
 UNION ALL SELECT 'timers',
     CASE WHEN due_at <= now() + interval '1 hour' THEN 'due within 1 h' ELSE 'later' END, count(*)
     FROM scheduled_actions GROUP BY 2
+UNION ALL SELECT 'paused', part, 1 FROM paused_parts
 """
 
 
@@ -262,6 +263,8 @@ def render(status: Status, settings: Settings, now: datetime | None = None) -> s
             keys = [k for k in order if k in found] + sorted(k for k in found if k not in order)
             return ", ".join(f"{_n(found[k])} {k}" for k in keys) or "none"
 
+        paused = ", ".join(sorted(c.get("paused", {}))) or "nothing (POST /v1/admin/pause stops a part)"
+        lines.append(f"paused:         {paused}")
         states = ("idle", "processing", "awaiting_confirmation", "waiting_close", "closed")
         lines.append(f"conversations:  {row('conversations', states)}")
         newest = status.newest_dead_letter

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
@@ -87,18 +87,13 @@ async def replay(
     """Re-apply the topic to Postgres; returns the counts."""
     topic = Topics(settings.topic_prefix).conversation_events
     pool = await create_pool(settings.database_url, 2)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        max_poll_records=batch,
-    )
+    consumer = plain_consumer(settings, batch)
     result = ReplayResult()
     try:
         if not dry_run:
             await migrate(pool)
         await consumer.start()
-        partitions = sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
+        partitions = await topic_partitions(consumer, topic)
         only_key: bytes | None = None
         if conversation_id is not None:
             row = await pool.fetchrow(
@@ -108,25 +103,13 @@ async def replay(
                 raise LookupError(f"no conversation {conversation_id}")
             only_key = thread_key(row["channel_id"], row["contact_id"])
             partitions = [DefaultPartitioner()(only_key, partitions, partitions)]
-        tps = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(tps)
-        end = await consumer.end_offsets(tps)
-        start = await consumer.beginning_offsets(tps)
-        if since is not None:
-            found = await consumer.offsets_for_times({tp: int(since.timestamp() * 1000) for tp in tps})
-            start = {tp: (found[tp].offset if found[tp] else end[tp]) for tp in tps}
-        for tp in tps:
-            consumer.seek(tp, start[tp])
-        total = sum(end[tp] - start[tp] for tp in tps)
+        ranges = await assign_range(consumer, topic, partitions, since)
+        total = sum(end - start for start, end in ranges.values())
         events: list[ConversationEvent] = []
         last_report = 0.0
-        pending = {tp for tp in tps if start[tp] < end[tp]}
-        while pending:
-            fetched = await consumer.getmany(*pending, timeout_ms=1000, max_records=batch)
-            for tp, records in fetched.items():
+        async for fetched in fetch_range(consumer, ranges, batch):
+            for records in fetched.values():
                 for record in records:
-                    if record.offset >= end[tp]:
-                        continue
                     result.read += 1
                     if only_key is not None and record.key != only_key:
                         result.skipped_other_threads += 1
@@ -140,8 +123,6 @@ async def replay(
                         result.reapplied += 1  # a full dry run only counts
                     else:
                         events.append(event)
-                if records and records[-1].offset >= end[tp] - 1:
-                    pending.discard(tp)
             if conversation_id is not None or dry_run:
                 continue  # one thread: collect everything first, then rebuild it at once
             await _apply(pool, events, settings, result)
@@ -158,9 +139,64 @@ async def replay(
         await pool.close()
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    await consumer._client.force_metadata_update()  # first use: metadata not fetched yet
-    return consumer.partitions_for_topic(topic) or set()
+def plain_consumer(settings: Settings, batch: int = 1000) -> AIOKafkaConsumer:
+    """A consumer with no group: it commits nothing and is no member of the workers' group."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        max_poll_records=batch,
+    )
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    """The topic's partitions, sorted (fetching metadata on first use)."""
+    found = consumer.partitions_for_topic(topic)
+    if not found:
+        await consumer._client.force_metadata_update()  # first use: metadata not fetched yet
+        found = consumer.partitions_for_topic(topic) or set()
+    return sorted(found)
+
+
+async def assign_range(
+    consumer: AIOKafkaConsumer,
+    topic: str,
+    partitions: list[int],
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> dict[TopicPartition, tuple[int, int]]:
+    """Assign the partitions and seek each to the range [since, until) by record timestamp (the
+    beginning, and the end offsets seen now, when not given): partition -> (start, end)."""
+    tps = [TopicPartition(topic, p) for p in partitions]
+    consumer.assign(tps)
+    end = await consumer.end_offsets(tps)
+    start = await consumer.beginning_offsets(tps)
+    if since is not None:
+        found = await consumer.offsets_for_times({tp: int(since.timestamp() * 1000) for tp in tps})
+        start = {tp: (found[tp].offset if found[tp] else end[tp]) for tp in tps}
+    if until is not None:
+        found = await consumer.offsets_for_times({tp: int(until.timestamp() * 1000) for tp in tps})
+        end = {tp: (found[tp].offset if found[tp] else end[tp]) for tp in tps}
+    for tp in tps:
+        consumer.seek(tp, start[tp])
+    return {tp: (start[tp], max(start[tp], end[tp])) for tp in tps}
+
+
+async def fetch_range(
+    consumer: AIOKafkaConsumer, ranges: dict[TopicPartition, tuple[int, int]], batch: int = 1000
+) -> AsyncIterator[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]:
+    """The assigned range's records, one fetch at a time (records past a partition's end left
+    out); ends when every partition reached its end."""
+    pending = {tp for tp, (start, end) in ranges.items() if start < end}
+    while pending:
+        fetched = await consumer.getmany(*pending, timeout_ms=1000, max_records=batch)
+        out: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+        for tp, records in fetched.items():
+            end = ranges[tp][1]
+            out[tp] = [r for r in records if r.offset < end]
+            if records and records[-1].offset >= end - 1:
+                pending.discard(tp)
+        yield out
 
 
 async def _apply(

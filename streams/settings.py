@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # replay can only bring back events still in the topic), pruned every ledger_prune_interval.
     ledger_prune_margin: Duration = timedelta(days=1)
     ledger_prune_interval: Duration = timedelta(hours=1)
+    # Closed conversations (with their messages, receipts, audit rows, finished sends) are deleted
+    # this many days after closing, in the same periodic round; None (the default): kept forever.
+    retention_days: int | None = Field(None, ge=1)
 
     # Outgoing webhooks (api/webhook_endpoints.py, agents/webhooks.py)
     outbound_allow_http: bool = False  # endpoints must be https unless this is true

@@ -13,6 +13,9 @@
   const STATES = ["idle", "processing", "awaiting_confirmation", "waiting_close", "closed"];
   const REASONS = ["failed", "user_closed", "agent_closed", "idle_timeout", "expired"];
   const EXPLICIT = ["agent_closed", "user_closed", "failed"];
+  const PARTS = ["lifecycle", "sender", "webhooks"];
+  const WHATIF_SETTINGS = ["PARLEY_TIMEOUT_IDLE", "PARLEY_TIMEOUT_PROCESSING", "PARLEY_TIMEOUT_AWAITING_CONFIRMATION",
+                           "PARLEY_TIMEOUT_WAITING_CLOSE", "PARLEY_CLOSE_GRACE", "PARLEY_REOPEN_WINDOW"];
   const SVGNS = "http://www.w3.org/2000/svg";
   const view = document.getElementById("view");
   const tokenBox = document.getElementById("token");
@@ -178,6 +181,20 @@
               ["failed", count(o.outbound.failed, cap), "ov-sends-failed"]])),
         el("div", { class: "card" }, el("h2", {}, "Schedules"),
           kv(Object.entries(o.schedules).map(([s, n]) => [s, count(n, cap), `ov-schedules-${s}`]))),
+        el("div", { class: "card", id: "card-pause" }, el("h2", {}, "Emergency switch"),
+          el("div", { class: "kv" }, PARTS.flatMap((part) => {
+            const p = o.paused[part];
+            return [el("span", {}, part, " ", p ? el("span", { class: "bad", id: `ov-paused-${part}` }, "paused ", when(p.since, "", ""),
+                                                     p.reason ? ` (${p.reason})` : "")
+                                              : el("span", { class: "ok", id: `ov-paused-${part}` }, "running")),
+                    el("button", { id: `${p ? "resume" : "pause"}-${part}`, on: { click: async (e) => {
+                      e.target.disabled = true;
+                      try { await api(`/v1/admin/${p ? "resume" : "pause"}`, { method: "POST", body: { what: part, reason: "console" } }); }
+                      catch (err) { setProblem(err.message); }
+                      poll(false);
+                    } } }, p ? "Resume" : "Pause")];
+          })),
+          el("div", { class: "mute" }, "Paused parts take no events; webhooks still queue up in Kafka.")),
         el("div", { class: "card wide" }, el("h2", {}, "Webhook endpoints"),
           el("div", {}, "pending deliveries: ", el("span", { id: "ov-webhooks-pending" }, count(o.webhooks.pending, cap))),
           o.webhooks.endpoints.length
@@ -359,6 +376,84 @@
     return "channels";
   }
 
+  function duration(s) {
+    if (s === null || s === undefined) return "-";
+    if (s < 60) return s.toFixed(s < 1 ? 3 : 0) + " s";
+    return span(s);
+  }
+  function rowsTable(head, rows, attrs) {
+    return table(head, rows.map((r) => el("tr", {}, r.map((v) => el("td", {}, v ?? "")))), attrs);
+  }
+  function showWhatif(r) {
+    const cur = r.current, chg = r.changed, c = r.comparison;
+    const reasons = [...new Set([...Object.keys(cur.closed_by_reason), ...Object.keys(chg.closed_by_reason)])].sort();
+    const peak = (x) => (x.peak_hour ? `${x.peak_firings_per_hour} (${x.peak_hour})` : "-");
+    const out = [
+      el("p", {}, `${r.records_read} records, ${r.events} lifecycle events on ${r.threads} threads; ` +
+        `${r.recorded_firings} recorded firings not used (deadlines simulated). Changed: ` +
+        (Object.entries(r.overrides).map(([k, v]) => k + "=" + v).join(" ") || "nothing")),
+      rowsTable(["", "current", "changed"], [
+        ["conversations opened", cur.opened, chg.opened],
+        ["closed", cur.closed, chg.closed],
+        ...reasons.map((k) => ["  " + k, cur.closed_by_reason[k] || 0, chg.closed_by_reason[k] || 0]),
+        ["open at the end", cur.open_at_end, chg.open_at_end],
+        ["duration median", duration(cur.duration.median_s), duration(chg.duration.median_s)],
+        ["duration p90", duration(cur.duration.p90_s), duration(chg.duration.p90_s)],
+        ["wrote again after an automatic close", cur.reopened_after_close, chg.reopened_after_close],
+        ["timer firings", cur.timer_firings, chg.timer_firings],
+        ["peak firings in one hour", peak(cur), peak(chg)],
+      ], { id: "whatif-table" }),
+      el("p", {}, `Both runs: ${c.paired}; same outcome ${c.same_outcome}, different ${c.different_outcome}; ` +
+        `closing earlier ${c.closed_earlier.count} (median ${duration(c.closed_earlier.median_by_s)}), ` +
+        `later ${c.closed_later.count} (median ${duration(c.closed_later.median_by_s)}); ` +
+        `only in current ${c.only_in_current}, only in changed ${c.only_in_changed}.`),
+    ];
+    if (r.check) out.push(el("p", {}, `Postgres check: ${r.check.matched} of ${r.check.checked} conversations match` +
+      Object.entries(r.check.mismatched).map(([k, v]) => `; ${v.count} ${k}: ${v.why}`).join("")));
+    for (const ex of r.examples) {
+      out.push(el("h3", {}, "Example " + ex.conversation_id),
+               rowsTable(["time", "event", "current", "changed"], ex.timeline.map((t) => [t.at, t.event, t.current, t.changed])));
+    }
+    return out;
+  }
+  function whatif(gen) {
+    // A form, not polled: a run is started by hand and followed until it ends.
+    if (view.querySelector("#whatif")) return "what-if";
+    const status = el("span", { id: "whatif-status", class: "mute" });
+    const result = el("div", { id: "whatif-result" });
+    const input = (name, attrs) => el("label", {}, name, el("input", { name, ...attrs }));
+    const form = el("form", { id: "whatif", class: "filters", on: { submit: async (ev) => {
+      ev.preventDefault();
+      const f = new FormData(ev.target);
+      const set = {};
+      for (const k of WHATIF_SETTINGS) if (f.get(k)) set[k] = f.get(k);
+      const body = { since: f.get("since"), set, examples: Number(f.get("examples") || 0) };
+      if (f.get("until")) body.until = f.get("until");
+      status.textContent = "starting…";
+      result.replaceChildren();
+      try {
+        const job = await api("/v1/whatif", { method: "POST", body });
+        for (;;) {
+          if (gen !== generation) return;
+          const v = await api(job.url);
+          status.textContent = `${v.status}: ${v.progress.records_read} of ${v.progress.records_total} records`;
+          if (v.status === "done") { result.replaceChildren(...showWhatif(v.result)); break; }
+          if (v.status === "failed") throw new ApiError(v.error);
+          await new Promise((res) => setTimeout(res, 1000)); // the job's progress is polled, once a second
+        }
+      } catch (e) { status.textContent = e.message; }
+    } } },
+      input("since", { value: "P1D" }), input("until", { placeholder: "now" }),
+      input("examples", { type: "number", min: 0, max: 100, value: 0 }),
+      WHATIF_SETTINGS.map((k) => input(k, { placeholder: "unchanged", size: 10 })),
+      el("button", { type: "submit" }, "Run"));
+    view.replaceChildren(el("h1", {}, "What-if"),
+      el("p", { class: "mute" }, "Replays the retained log under the current policy and a changed one; writes nothing. " +
+        "Times: ISO-8601 with a timezone, or a duration before now (P2D, PT6H). Durations: seconds or ISO-8601."),
+      form, status, result);
+    return "what-if";
+  }
+
   // ---- routing and polling ----
   function parse() {
     const [path, q] = location.hash.replace(/^#/, "").split("?");
@@ -381,6 +476,7 @@
       else if (where.name === "conversations") what = await conversations(gen, where.query, fresh);
       else if (where.name === "dead-letters") what = await deadLetters(gen, fresh);
       else if (where.name === "channels") what = await channels(gen);
+      else if (where.name === "whatif") { what = whatif(gen); document.getElementById("updated").textContent = ""; return; }
       else what = await overview(gen);
       if (gen !== generation) return;
       setProblem("");

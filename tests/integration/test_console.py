@@ -289,6 +289,22 @@ async def test_the_console_shows_filters_opens_and_closes_and_never_runs_data_as
     await expect(page.locator("#channels")).to_contain_text(channel.id)
     await _shot(page, "channels")
 
+    # The emergency switch on the overview: pause the lifecycle, see it paused, resume it.
+    await page.click("nav a[data-view=overview]")
+    await page.click("#pause-lifecycle")
+    await expect(page.locator("#ov-paused-lifecycle")).to_contain_text("paused", timeout=WAIT_MS)
+    await expect(page.locator("#ov-paused-sender")).to_have_text("running")
+    await page.click("#resume-lifecycle")
+    await expect(page.locator("#ov-paused-lifecycle")).to_have_text("running", timeout=WAIT_MS)
+
+    # What-if: a run over the retained log from the form, its comparison as text.
+    await page.click("nav a[data-view=whatif]")
+    await page.fill("#whatif input[name=PARLEY_TIMEOUT_IDLE]", "600")
+    await page.click("#whatif button[type=submit]")
+    await expect(page.locator("#whatif-table")).to_contain_text("conversations opened", timeout=90_000)
+    await expect(page.locator("#whatif-result")).to_contain_text("PARLEY_TIMEOUT_IDLE=600")
+    await _shot(page, "whatif")
+
     assert await page.evaluate("window.__pwned") is None
     assert await page.locator("main img, main script").count() == 0
     assert problems == []

@@ -110,7 +110,9 @@ async def test_an_action_beyond_the_horizon_waits_in_postgres_then_fires_on_time
     # in order), so from here on the worker has carried out that arming.
     assert (await _put(http, deployment, key, due))["result"] == "unchanged"
     held = await _held(http, deployment)
-    assert held["parley_timers_loaded_until_ms"] < due_ms(due), "the test ran too slowly to see it"
+    assert held["parley_timers_loaded_until_seconds"] * 1000 < due_ms(due), (
+        "the test ran too slowly to see it"
+    )
     assert held["parley_timers_active"] == 0, "an action beyond the horizon is held in memory"
     loaded_before = held["parley_timers_loaded_total"]
 
@@ -154,7 +156,7 @@ async def test_a_cancelled_far_action_never_fires(
     await _put(http, deployment, sentinel, due + timedelta(seconds=1))
 
     async def loaded_past_due() -> bool:
-        return (await _held(http, deployment))["parley_timers_loaded_until_ms"] > due_ms(due)
+        return (await _held(http, deployment))["parley_timers_loaded_until_seconds"] * 1000 > due_ms(due)
 
     # Cancel one while it lives only in Postgres, the other once the loader brought it in.
     code, _ = await call(http, deployment, "DELETE", f"/v1/schedules/{cancelled}")
@@ -192,7 +194,7 @@ async def test_a_restart_loses_no_action_beyond_the_horizon(
     await deployment.wait_ready(http)
 
     async def loaded() -> bool:
-        return (await metrics(http, deployment)).get("parley_timers_loaded_until_ms", 0) > 0
+        return (await metrics(http, deployment)).get("parley_timers_loaded_until_seconds", 0) > 0
 
     await wait_until(loaded, 60, "the restarted worker's first load")
     assert datetime.now(UTC) < min(due.values()) - timedelta(seconds=HORIZON_S), "restarted too late"

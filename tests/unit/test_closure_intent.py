@@ -144,3 +144,25 @@ def test_phrase_detector_is_a_pluggable_closure_detector() -> None:
 )
 def test_classify_reply(text: str | None, expected: str) -> None:
     assert classify_reply(text) == expected
+
+
+def test_ascii_text_takes_the_short_path_to_the_same_words() -> None:
+    """_clauses skips NFKD and the combining-mark pass for ASCII: they change nothing but case."""
+    import random
+    import unicodedata
+
+    from domain.closure_intent import _clauses
+
+    def plain(text: str) -> str:
+        folded = unicodedata.normalize("NFKD", text.casefold())
+        return "".join(c for c in folded if not unicodedata.combining(c))
+
+    rnd = random.Random(5)
+    samples = [chr(c) for c in range(128)] + [
+        "".join(rnd.choice([chr(c) for c in range(128)]) for _ in range(rnd.randint(1, 40)))
+        for _ in range(2000)
+    ]
+    for text in samples:
+        assert plain(text) == text.lower(), repr(text)
+    assert _clauses("OK, Pode Fechar!") == (("ok",), ("pode", "fechar"))
+    assert _clauses("Não, pode fechar") == (("nao",), ("pode", "fechar"))

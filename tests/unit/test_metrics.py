@@ -45,3 +45,8 @@ def test_render_sorts_names() -> None:
 
 def test_render_keeps_every_digit_of_an_int() -> None:
     assert render({"loaded_until_ms": 1_764_636_044_693}) == "loaded_until_ms 1764636044693\n"
+
+
+def test_render_keeps_every_digit_of_seconds_with_their_ms() -> None:
+    assert render({"until_seconds": 1_764_636_044.693}) == "until_seconds 1764636044.693\n"
+    assert render({"x": 1.0, "y": 0.25}) == "x 1\ny 0.25\n"

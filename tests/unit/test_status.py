@@ -12,7 +12,11 @@ from streams.settings import Settings
 
 
 def test_metrics_round_trip_through_the_workers_own_renderer() -> None:
-    values = {"parley_partitions_assigned": 8, "parley_timers_loaded_until_ms": 1764650000123, "x": 0.25}
+    values = {
+        "parley_partitions_assigned": 8,
+        "parley_timers_loaded_until_seconds": 1764650000.123,
+        "x": 0.25,
+    }
     assert parse_metrics("# HELP ignored\n" + render_metrics(values) + "garbage line\n") == values
 
 
