@@ -304,7 +304,7 @@
           const r = await api(`/v1/conversations/${enc}/${what}`, { method: "POST", body });
           out.textContent = `${what} accepted (${r.accepted}); the worker applies it in order`;
         } catch (e) { out.textContent = `${what} refused: ${e.message}`; }
-        poll(true);
+        poll(false); // refresh the data now; the buttons and this answer stay
       };
       const agent = el("input", { id: "agent-id", value: "console", size: 10, "aria-label": "agent id" });
       const reason = el("select", { id: "close-reason", "aria-label": "close reason" }, EXPLICIT.map((r) => el("option", { value: r }, r)));
@@ -460,15 +460,30 @@
     const parts = path.split("/").filter(Boolean);
     return { name: parts[0] || "overview", id: parts[1] ? decodeURIComponent(parts[1]) : null, query: new URLSearchParams(q || "") };
   }
+  // One poll at a time per view: a refresh asked for while one runs (a button pressed) runs right
+  // after it, instead of starting a second chain of timers.
+  let busy = null; // the generation a poll is running for
+  let again = false;
   async function poll(fresh) {
+    if (!fresh && busy === generation) { again = true; return; }
     clearTimeout(pollTimer);
     const gen = generation;
+    busy = gen;
+    again = false;
+    let next = null;
+    try { next = await pollOnce(gen, fresh); } finally { if (busy === gen) busy = null; }
+    if (gen !== generation || next === null) return;
+    pollTimer = setTimeout(() => poll(next.fresh), again ? 0 : next.delay);
+    again = false;
+  }
+  // Draws the current view; says when to poll next (null: not again).
+  async function pollOnce(gen, fresh) {
     const where = parse();
     document.querySelectorAll("#nav a").forEach((a) => a.classList.toggle("active", a.dataset.view === where.name));
     if (!token()) {
       view.replaceChildren(el("p", { id: "need-token" },
         "Paste the admin token (PARLEY_ADMIN_TOKEN; `make run` prints a link carrying it) above."));
-      return;
+      return null;
     }
     try {
       let what;
@@ -476,20 +491,19 @@
       else if (where.name === "conversations") what = await conversations(gen, where.query, fresh);
       else if (where.name === "dead-letters") what = await deadLetters(gen, fresh);
       else if (where.name === "channels") what = await channels(gen);
-      else if (where.name === "whatif") { what = whatif(gen); document.getElementById("updated").textContent = ""; return; }
+      else if (where.name === "whatif") { whatif(gen); document.getElementById("updated").textContent = ""; return null; }
       else what = await overview(gen);
-      if (gen !== generation) return;
+      if (gen !== generation) return null;
       setProblem("");
       document.getElementById("updated").textContent = `${what} updated ${new Date().toLocaleTimeString()}`;
     } catch (e) {
-      if (gen !== generation) return;
+      if (gen !== generation) return null;
       if (!(e instanceof ApiError) && !(e instanceof TypeError)) throw e; // TypeError: fetch found no server
       setProblem(e.message);
       if (fresh) view.replaceChildren(el("p", { class: "bad" }, e.message));
-      pollTimer = setTimeout(() => poll(fresh), POLL_MS); // a view that never drew is drawn anew
-      return;
+      return { fresh, delay: POLL_MS }; // a view that never drew is drawn anew
     }
-    if (gen === generation) pollTimer = setTimeout(() => poll(false), where.name === "overview" ? OVERVIEW_POLL_MS : POLL_MS);
+    return { fresh: false, delay: where.name === "overview" ? OVERVIEW_POLL_MS : POLL_MS };
   }
   function route() { generation += 1; poll(true); }
 
