@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 KAFKA_STAMP := deploy/kafka/libs/.fetched-stamp
 
-.PHONY: run sandbox status test lint unit bench clean setup kafka
+.PHONY: run sandbox status test lint unit bench clean setup kafka browser
 
 setup: $(STAMP) $(KAFKA_STAMP)
 
@@ -42,7 +42,16 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit tests/property
 
-test: setup lint
+# The console test (tests/integration/test_console.py) drives Debian's headless Chromium through
+# playwright; Playwright's own browser download is never used. Installed once, as root (CI is).
+CHROMIUM := /usr/bin/chromium
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)
+
+test: setup lint $(CHROMIUM)
 	$(BIN)/pytest
 
 bench: setup

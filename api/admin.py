@@ -79,7 +79,7 @@ def path_uuid(request: web.Request) -> str | None:
 
 @routes.get("/v1/conversations")
 async def list_conversations(request: web.Request) -> web.Response:
-    """A page of conversations filtered by contact, channel and state, newest first."""
+    """A page of conversations filtered by contact, channel, state and close reason, newest first."""
     q = request.query
     try:
         limit = int(q.get("limit", "50"))
@@ -94,6 +94,7 @@ async def list_conversations(request: web.Request) -> web.Response:
         state=q.get("state"),
         limit=limit,
         cursor=cursor,
+        reason=q.get("reason"),
     )
     return web.json_response({"items": items, "next_cursor": next_cursor})
 

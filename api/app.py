@@ -15,6 +15,7 @@ from api import (
     messages,
     metrics,
     openapi,
+    overview,
     pause,
     providers_routes,
     schedules,
@@ -74,6 +75,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(whatif.routes)
     app.add_routes(openapi.routes)
     app.add_routes(metrics.routes)
+    app.add_routes(overview.routes)
     app.add_routes(pause.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -98,4 +100,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(schedules.answers_ctx)  # after resources: it uses CONTEXT
     app.cleanup_ctx.append(webhook_endpoints.sender_ctx)
     app.cleanup_ctx.append(whatif.jobs_ctx)
+    app.cleanup_ctx.append(overview.sampler_ctx)
     return app

@@ -67,6 +67,108 @@ DELIVERY = obj("id", "status", "attempts", id=INT, status=STR, attempts=INT)
 HEALTH = obj("status", status=STR)
 WHATIF_JOB = obj("id", "status", id=STR, status=STR)
 PAUSED = obj("paused", paused={"type": "object", "additionalProperties": STR})
+COUNTS: Schema = {"type": "object", "additionalProperties": INT}
+NINT: Schema = {"type": ["integer", "null"]}
+NNUM: Schema = {"type": ["number", "null"]}
+MINUTES: Schema = {"type": "array", "items": INT, "minItems": 60, "maxItems": 60}
+OVERVIEW = obj(
+    "generated_at",
+    "cap",
+    "conversations",
+    "timers",
+    "dead_letters",
+    "outbound",
+    "webhooks",
+    "schedules",
+    "lag",
+    "lag_error",
+    "events",
+    "paused",
+    generated_at=STR,
+    paused={"type": "object", "additionalProperties": obj("since", "reason", since=STR, reason=STR)},
+    cap=INT,
+    conversations=obj(
+        "open_by_state",
+        "open",
+        "closed_last_24h",
+        "close_reasons_last_24h",
+        "per_minute",
+        open_by_state=COUNTS,
+        open=INT,
+        closed_last_24h=INT,
+        close_reasons_last_24h=COUNTS,
+        per_minute=obj("opened", "closed", opened=MINUTES, closed=MINUTES),
+    ),
+    timers=obj("overdue", "next_minute", "next_hour", overdue=INT, next_minute=INT, next_hour=INT),
+    dead_letters=obj(
+        "not_retried",
+        "newest",
+        not_retried=INT,
+        newest={
+            "oneOf": [
+                {"type": "null"},
+                obj(
+                    "id",
+                    "failed_at",
+                    "source_topic",
+                    "error",
+                    id=INT,
+                    failed_at=STR,
+                    source_topic=STR,
+                    error=STR,
+                ),
+            ]
+        },
+    ),
+    outbound=obj("queued", "sending", "failed", queued=INT, sending=INT, failed=INT),
+    webhooks=obj(
+        "pending",
+        "endpoints",
+        pending=INT,
+        endpoints={
+            "type": "array",
+            "items": obj(
+                "id",
+                "url",
+                "enabled",
+                "failed",
+                id=STR,
+                url=STR,
+                enabled=BOOL,
+                failed=INT,
+                failing_since=NSTR,
+            ),
+        },
+    ),
+    schedules=COUNTS,
+    lag={
+        "type": ["object", "null"],
+        "additionalProperties": obj("lag", "partitions", lag=INT, partitions=INT, uncommitted=INT),
+    },
+    lag_error=NSTR,
+    events=obj(
+        "topic",
+        "in_per_s",
+        "applied_per_s",
+        "series",
+        topic=STR,
+        in_per_s=NNUM,
+        applied_per_s=NNUM,
+        series={
+            "type": "array",
+            "items": obj(
+                "at",
+                "in_per_s",
+                "applied_per_s",
+                "lag",
+                at=STR,
+                in_per_s={"type": "number"},
+                applied_per_s={"type": "number"},
+                lag=INT,
+            ),
+        },
+    ),
+)
 READY = obj("ready", "checks", ready=BOOL, checks={"type": "object"})
 
 
@@ -118,7 +220,19 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         query={"worker": {"type": "string", "enum": ["true", "false"]}},
         tag="health",
     ),
-    ("GET", "/"): Op("The dashboard", {200: {}}, answers="text/html", tag="console"),
+    ("GET", "/"): Op("The operator console", {200: {}}, answers="text/html", tag="console"),
+    ("GET", "/console.js"): Op(
+        "The console's script (no token: it holds no data)",
+        {200: {}},
+        answers="text/javascript",
+        tag="console",
+    ),
+    ("GET", "/v1/overview"): Op(
+        "The console's overview: counts, the last hour per minute, lag and events/s, failures",
+        {200: OVERVIEW},
+        errors=(503,),
+        tag="console",
+    ),
     ("GET", "/metrics"): Op(
         "Prometheus metrics of this API process (requests, latency, produce latency, webhook rejections)",
         {200: STR},
@@ -162,7 +276,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         "A page of conversations, newest first",
         {200: PAGE},
         errors=(400,),
-        query={"contact": STR, "channel": STR, "state": STR, **CURSOR},
+        query={"contact": STR, "channel": STR, "state": STR, "reason": STR, **CURSOR},
         tag="conversations",
     ),
     ("GET", "/v1/conversations/{id}"): Op(

@@ -59,7 +59,7 @@ def cmd_migrate(settings: Settings) -> int:
 
 
 def cmd_api(settings: Settings) -> int:
-    """Serve webhooks, the admin API and the dashboard."""
+    """Serve webhooks, the admin API and the operator console."""
     import uvloop
     from aiohttp import web
 
@@ -351,7 +351,7 @@ def _run_stack(
                 flush=True,
             )
         print(
-            f"\nParley is ready.\n  dashboard:  {base}/#token={env['PARLEY_ADMIN_TOKEN']}\n"
+            f"\nParley is ready.\n  console:    {base}/#token={env['PARLEY_ADMIN_TOKEN']}\n"
             f"  admin API:  {base}/v1/conversations"
             f"  (Authorization: Bearer {env['PARLEY_ADMIN_TOKEN']})\n"
             f"  webhooks:   {base}/webhooks/generic/<channel_id>\n"
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="start Kafka, Postgres, worker and API locally")
     sub.add_parser("sandbox", help="`run` plus a provider simulator and a sandbox channel to send through")
     sub.add_parser("worker", help="run the Faust worker")
-    sub.add_parser("api", help="serve webhooks, admin API and dashboard")
+    sub.add_parser("api", help="serve webhooks, admin API and operator console")
     sub.add_parser("migrate", help="apply SQL migrations and create topics")
     sub.add_parser(
         "rotate-secrets",

@@ -55,6 +55,7 @@ class TopicLag:
     lag: int
     partitions: int
     uncommitted: int  # partitions the group never committed (their lag counts from the log start)
+    end: int = 0  # sum of the partitions' end offsets: records ever written (its change over time is a rate)
 
 
 def lag_by_topic(
@@ -65,12 +66,12 @@ def lag_by_topic(
     """Per topic: sum over partitions of end - committed (end - log start where nothing is committed)."""
     acc: dict[str, list[int]] = {}
     for tp, end in ends.items():
-        lag, parts, uncommitted = acc.setdefault(tp.topic, [0, 0, 0])
+        lag, parts, uncommitted, total = acc.setdefault(tp.topic, [0, 0, 0, 0])
         offset = committed.get(tp, -1)
         if offset < 0:
             uncommitted += 1
             offset = starts.get(tp, 0)
-        acc[tp.topic] = [lag + max(0, end - offset), parts + 1, uncommitted]
+        acc[tp.topic] = [lag + max(0, end - offset), parts + 1, uncommitted, total + end]
     return {topic: TopicLag(*v) for topic, v in sorted(acc.items())}
 
 

@@ -209,6 +209,7 @@ class Store:
         state: str | None,
         limit: int,
         cursor: tuple[datetime, str] | None,
+        reason: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """A page of conversations, newest first, and the cursor of the next page."""
         rows = await self.pool.fetch(
@@ -217,6 +218,7 @@ class Store:
             " AND ($2::text IS NULL OR channel_id = $2)"
             " AND ($3::text IS NULL OR state = $3)"
             " AND ($4::timestamptz IS NULL OR (opened_at, id) < ($4, $5::uuid))"
+            " AND ($7::text IS NULL OR close_reason = $7)"
             " ORDER BY opened_at DESC, id DESC LIMIT $6",
             contact,
             channel,
@@ -224,6 +226,7 @@ class Store:
             cursor[0] if cursor else None,
             cursor[1] if cursor else None,
             limit + 1,
+            reason,
         )
         items = [_jsonable(r) for r in rows[:limit]]
         next_cursor = None

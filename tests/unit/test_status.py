@@ -26,11 +26,11 @@ def test_lag_is_end_minus_committed_and_counts_from_the_log_start_where_nothing_
     starts = {a0: 0, a1: 2, b0: 0}
     committed = {a0: 4, b0: 5, TopicPartition("other", 0): 3}
     assert lag_by_topic(ends, starts, committed) == {
-        "a": TopicLag(lag=6 + 5, partitions=2, uncommitted=1),
-        "b": TopicLag(lag=0, partitions=1, uncommitted=0),
+        "a": TopicLag(lag=6 + 5, partitions=2, uncommitted=1, end=17),
+        "b": TopicLag(lag=0, partitions=1, uncommitted=0, end=5),
     }
     # -1 is what Kafka answers for "no committed offset"
-    assert lag_by_topic({a0: 3}, {a0: 1}, {a0: -1}) == {"a": TopicLag(2, 1, 1)}
+    assert lag_by_topic({a0: 3}, {a0: 1}, {a0: -1}) == {"a": TopicLag(2, 1, 1, 3)}
 
 
 def test_the_screen_shows_readiness_lag_and_counts() -> None:
