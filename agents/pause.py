@@ -59,7 +59,8 @@ class PauseSwitch:
                 engine.paused = now
                 if not now and wake is not None:
                     wake(engine)
-            log.warning("%s %s by an operator", part, "paused" if now else "resumed")
+            if not first:  # at start a part is held until this read: that is not news
+                log.warning("%s %s by an operator", part, "paused" if now else "resumed")
         self.paused = set(paused) & set(self.parts)
 
     async def run(self) -> None:
