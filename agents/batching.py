@@ -103,26 +103,64 @@ class BatchIntake:
             self.paused.clear()
 
 
-def intakes(app: Any) -> dict[str, BatchIntake]:
-    found: dict[str, BatchIntake] | None = getattr(app, _INTAKES, None)
+class SplitIntake:
+    """A topic's intake split by partition (partition % n) into n BatchIntakes, each drained by
+    its own writer (`consume_batches`): n batches of disjoint partitions are handled at once, so
+    one batch's Postgres round trips overlap another's decoding and planning. Order and acks stay
+    per partition, as with one intake: a partition is always in the same part."""
+
+    def __init__(self, app: faust.App, topic: str, limit: int, n: int) -> None:
+        self.topic = topic
+        self.parts = [BatchIntake(app, topic, limit) for _ in range(n)]
+        self.running = asyncio.Event()  # shared: a pause holds every part
+        self.running.set()
+        for part in self.parts:
+            part.running = self.running
+
+    @property
+    def pending(self) -> list[Message]:
+        return [m for part in self.parts for m in part.pending]
+
+    def hold(self, paused: bool) -> None:
+        self.parts[0].hold(paused)
+
+    def put(self, messages: list[Message]) -> None:
+        n = len(self.parts)
+        routed: list[list[Message]] = [[] for _ in range(n)]
+        for message in messages:
+            routed[message.partition % n].append(message)
+        for part, mine in zip(self.parts, routed, strict=True):
+            if mine:
+                part.put(mine)
+
+    def clear(self) -> None:
+        for part in self.parts:
+            part.clear()
+
+
+Intake = BatchIntake | SplitIntake
+
+
+def intakes(app: Any) -> dict[str, Intake]:
+    found: dict[str, Intake] | None = getattr(app, _INTAKES, None)
     if found is None:
         found = {}
         setattr(app, _INTAKES, found)
     return found
 
 
-def register(app: faust.App, topic: faust.TopicT, limit: int) -> BatchIntake:
+def register(app: faust.App, topic: faust.TopicT, limit: int, writers: int = 1) -> Intake:
     """Route `topic`'s records to a BatchIntake (the topic must also have a Faust agent, so that
-    Faust subscribes to it and owns its partitions)."""
+    Faust subscribes to it and owns its partitions); with writers > 1, to a SplitIntake."""
     name = topic.get_topic_name()
-    intake = BatchIntake(app, name, limit)
+    intake: Intake = BatchIntake(app, name, limit) if writers == 1 else SplitIntake(app, name, limit, writers)
     intakes(app)[name] = intake
     # Cleared with the agents' queues; mode keeps these in a WeakSet (the app's dict holds it).
     app.flow_control.manage_queue(intake)  # type: ignore[arg-type]
     return intake
 
 
-async def _deliver(consumer: Consumer, intake: BatchIntake, messages: list[Message]) -> None:
+async def _deliver(consumer: Consumer, intake: Intake, messages: list[Message]) -> None:
     app = consumer.app
     await app.flow_control.acquire()  # suspended while a rebalance runs
     await app.producer.buffer.wait_until_ebb()  # table writes queued past max_messages
@@ -220,7 +258,7 @@ def install() -> None:
 
 
 async def consume_batches(
-    intake: BatchIntake,
+    intake: Intake,
     *,
     linger: float,
     handle: Callable[[list[Any]], Awaitable[None]],
@@ -234,12 +272,13 @@ async def consume_batches(
 
     Batches grow with load: while one is handled the next accumulates; an idle worker handles a
     lone message after `linger`. `handle` must never raise for a message's own reasons (park it);
-    if it does, `on_fatal` runs and nothing past the last handled batch is acked.
+    if it does, `on_fatal` runs and nothing past the last handled batch (of that writer) is acked.
+    A SplitIntake gets one writer per part: `handle` then runs for disjoint partitions at once.
     """
-    consumer = intake.app.consumer
-    ack = consumer.ack
+    queues = intake.parts if isinstance(intake, SplitIntake) else [intake]
 
-    async def writer() -> None:
+    async def writer(intake: BatchIntake) -> None:
+        ack = intake.app.consumer.ack
         while True:
             await intake.ready.wait()
             await intake.running.wait()
@@ -258,9 +297,13 @@ async def consume_batches(
             if handled is not None:
                 handled(len(batch), time.perf_counter() - started)
 
-    task = asyncio.create_task(writer())
-    supervise(task, name, on_fatal)
+    tasks = set()
+    for i, queue in enumerate(queues):
+        task = asyncio.create_task(writer(queue))
+        supervise(task, name if len(queues) == 1 else f"{name} {i}", on_fatal)
+        tasks.add(task)
     try:
-        await asyncio.wait({task})
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        task.cancel()
+        for task in tasks:
+            task.cancel()

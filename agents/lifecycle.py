@@ -92,6 +92,7 @@ class LifecycleAgent:
         self.dead_lettered = 0
         self.parking_failures = 0
         self._parker: AIOKafkaProducer | None = None  # the dead-letter producer, see dead_letter
+        self._parker_lock = asyncio.Lock()  # the writers (settings.worker_writers) park concurrently
         self.failure: BaseException | None = None  # set when the writer died; /healthz says so
         self.stats = BatchStats()
         self._batch_seconds = metrics.BATCH_SECONDS.labels("lifecycle")
@@ -105,7 +106,9 @@ class LifecycleAgent:
         """Attach the agent to the app."""
         # The agent makes Faust subscribe and own the partitions; its records come as batches of
         # Messages through the intake (agents/batching.py), not as Events through the stream.
-        self.intake = batching.register(self.app, self.source, self.settings.worker_batch_size)
+        self.intake = batching.register(
+            self.app, self.source, self.settings.worker_batch_size, self.settings.worker_writers
+        )
         self.app.agent(self.source, name="lifecycle")(self._run)
 
         async def close_parker(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -123,16 +126,19 @@ class LifecycleAgent:
         # letter topic's max.message.bytes), aiokafka's idempotent producer answers every later
         # record of that partition with OutOfOrderSequenceNumber. Faust's shared producer would
         # then be broken for good; this one is dropped and a fresh one (new producer id) tries.
-        if self._parker is None:
-            self._parker = AIOKafkaProducer(
-                bootstrap_servers=self.settings.kafka_bootstrap_servers, acks="all", enable_idempotence=True
-            )
-            await self._parker.start()
-        try:
-            await self._parker.send_and_wait(self.topics.dead_letters, value, key=key)
-        except BaseException:
-            await self._drop_parker()
-            raise
+        async with self._parker_lock:
+            if self._parker is None:
+                self._parker = AIOKafkaProducer(
+                    bootstrap_servers=self.settings.kafka_bootstrap_servers,
+                    acks="all",
+                    enable_idempotence=True,
+                )
+                await self._parker.start()
+            try:
+                await self._parker.send_and_wait(self.topics.dead_letters, value, key=key)
+            except BaseException:
+                await self._drop_parker()
+                raise
 
     async def pool(self) -> asyncpg.Pool:
         """The Postgres pool, opened on first use inside the worker's loop."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from agents.batching import BatchIntake
+from agents.batching import Intake
 from agents.lanes import LaneEngine
 from streams import pause_db
 
@@ -29,12 +29,12 @@ class PauseSwitch:
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        self.parts: dict[str, tuple[BatchIntake, LaneEngine[Any] | None]] = {}
+        self.parts: dict[str, tuple[Intake, LaneEngine[Any] | None]] = {}
         self.paused: set[str] = set()
         self.known = True  # the table was read since the last add()
         self._changed = asyncio.Event()
 
-    def add(self, part: str, intake: BatchIntake, engine: LaneEngine[Any] | None = None) -> None:
+    def add(self, part: str, intake: Intake, engine: LaneEngine[Any] | None = None) -> None:
         """A part of this worker: the intake its agent drains, and its sending engine if any.
         Held until the first read of the table says otherwise: a worker started while its part
         is paused must not take a batch before it knows."""

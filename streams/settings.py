@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     app_id: str = "parley"
     worker_metrics_port: int = 9464
     worker_batch_size: int = Field(1000, ge=1)
+    # Batches of disjoint partitions the lifecycle agent applies at once (agents/batching.py
+    # SplitIntake): one batch's Postgres round trips overlap another's CPU work.
+    worker_writers: int = Field(2, ge=1, le=64)
     worker_linger: Duration = timedelta(milliseconds=10)
     worker_retries: int = Field(5, ge=0)
     db_pool_size: int = Field(8, ge=1)

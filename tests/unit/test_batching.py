@@ -8,7 +8,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from faust.types import TP, ConsumerMessage
 
-from agents.batching import BatchIntake, consume_batches
+from agents.batching import BatchIntake, SplitIntake, consume_batches
 
 
 class FakeConsumer:
@@ -151,3 +151,55 @@ async def test_a_handle_that_raises_is_fatal_and_nothing_after_it_is_handled_or_
     assert seen == [0, 1]
     assert consumer.acked == [(0, 0)]
     assert len(fatal) == 1 and isinstance(fatal[0], RuntimeError)
+
+
+async def test_a_split_intake_handles_disjoint_partitions_at_once_and_each_in_order() -> None:
+    app: Any = FakeApp()
+    box = SplitIntake(app, "t", 2, 2)  # partitions 0, 2 -> part 0; 1, 3 -> part 1
+    consumer = app.consumer
+    gate = asyncio.Event()
+    inside: list[set[int]] = []  # the partitions of each batch being handled, while it is
+    handled: list[tuple[int, int]] = []
+    both = asyncio.Event()
+
+    async def handle(batch: list[Any]) -> None:
+        partitions = {m.partition for m in batch}
+        assert len({p % 2 for p in partitions}) == 1  # never both parts in one batch
+        inside.append(partitions)
+        if len(inside) == 2:
+            both.set()  # the second writer entered while the first still waits: concurrent
+        await gate.wait()
+        handled.extend((m.partition, m.offset) for m in batch)
+
+    all_acked = asyncio.Event()
+
+    def observe(size: int, seconds: float) -> None:
+        if len(consumer.acked) == 7:
+            all_acked.set()
+
+    loop = asyncio.create_task(
+        consume_batches(box, linger=0, handle=handle, name="t", on_fatal=lambda _: None, handled=observe)
+    )
+    box.put([msg(0, 0), msg(1, 0), msg(2, 0), msg(0, 1), msg(3, 0), msg(1, 1), msg(0, 2)])
+    await asyncio.wait_for(both.wait(), 5)
+    gate.set()
+    await asyncio.wait_for(all_acked.wait(), 5)
+    for p in range(4):  # each partition handled and acked in offset order
+        assert [o for q, o in handled if q == p] == sorted(o for q, o in handled if q == p)
+        assert [o for q, o in consumer.acked if q == p] == sorted(o for q, o in consumer.acked if q == p)
+    assert sorted(consumer.acked) == sorted([(0, 0), (1, 0), (2, 0), (0, 1), (3, 0), (1, 1), (0, 2)])
+    loop.cancel()
+    await asyncio.gather(loop, return_exceptions=True)
+
+
+def test_a_split_intake_pauses_and_clears_every_part() -> None:
+    app: Any = FakeApp()
+    box = SplitIntake(app, "t", 10, 3)
+    box.put([msg(p, o) for o in range(4) for p in range(6)])
+    assert len(box.pending) == 24 and all(len(part.pending) == 8 for part in box.parts)
+    box.hold(True)
+    assert all(not part.running.is_set() for part in box.parts)
+    box.hold(False)
+    assert all(part.running.is_set() for part in box.parts)
+    box.clear()
+    assert box.pending == [] and sum(part.dropped for part in box.parts) == 24
