@@ -47,6 +47,8 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from streams.topics import partitioner
+
 log = logging.getLogger(__name__)
 
 LOCK_SPACE = 0x6F757462  # the relay's advisory locks: (LOCK_SPACE, partition); "outb"
@@ -158,21 +160,39 @@ class OutboxRelay:
                 return 0, busy
             producer = await self._producer_started()
             try:
-                futures = [
-                    await producer.send(
-                        self.topics.get(row["topic"], self.topic),
-                        outgoing_value(row),
-                        key=row["key"].encode(),
-                    )
-                    for row in rows
-                ]
-                await asyncio.gather(*futures)  # acks=all before the rows count as published
+                await self._produce(producer, rows)  # acks=all before the rows count as published
             except BaseException:
                 await self.stop()  # a fresh producer (new producer id) for the next round
                 raise
             await conn.execute(_MARK, [row["id"] for row in rows])
         self.published += len(rows)
         return len(rows), busy
+
+    async def _produce(self, producer: AIOKafkaProducer, rows: list[Any]) -> None:
+        """Produce the rows, in order per partition, and wait for every ack. The records go into
+        one batch per partition (`create_batch`/`send_batch`): `send()` per record costs the
+        relay several times as much CPU (a future, the partitioner, the accumulator per record).
+        A record's partition is the default partitioner's for its key, as `send()` would pick."""
+        builders: dict[tuple[str, int], Any] = {}
+        partitioners: dict[str, Callable[[str], int]] = {}
+        futures = []
+        for row in rows:
+            topic = self.topics.get(row["topic"], self.topic)
+            partition_of = partitioners.get(topic)
+            if partition_of is None:
+                partition_of = partitioners[topic] = partitioner(len(await producer.partitions_for(topic)))
+            key: str = row["key"]
+            tp = (topic, partition_of(key))
+            builder = builders.get(tp)
+            if builder is None:
+                builder = builders[tp] = producer.create_batch()
+            if builder.append(key=key.encode(), value=outgoing_value(row), timestamp=None) is None:
+                futures.append(await producer.send_batch(builder, topic, partition=tp[1]))  # full
+                builder = builders[tp] = producer.create_batch()
+                builder.append(key=key.encode(), value=outgoing_value(row), timestamp=None)
+        for (topic, partition), builder in builders.items():
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
+        await asyncio.gather(*futures)
 
     async def run(self) -> None:
         """Forever: publish while there is something; else wait for a wake-up or a poll.

@@ -20,6 +20,7 @@ import asyncpg
 import orjson
 
 from domain.lifecycle import CloseReason, Conversation, State
+from streams import jsonrows
 
 OPENED = "conversation.opened"
 STATE_CHANGED = "conversation.state_changed"
@@ -140,11 +141,11 @@ def status_data(
     ).decode()
 
 
-_INSERT = """
+_INSERT = f"""
 INSERT INTO outbox (event_id, type, key, payload, created_at, partition)
-SELECT o.event_id, o.type, o.key, o.payload::jsonb, o.created_at, o.partition
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::int[])
-  WITH ORDINALITY AS o(event_id, type, key, payload, created_at, partition, n)
+SELECT o.event_id, o.type, o.key, o.payload, o.created_at, o.partition
+FROM ({jsonrows.select("text text text jsonb timestamptz int".split())})
+  AS o(event_id, type, key, payload, created_at, partition, n)
 ORDER BY o.n
 ON CONFLICT (event_id) DO NOTHING
 """
@@ -153,12 +154,5 @@ ON CONFLICT (event_id) DO NOTHING
 async def write_outbox(conn: Conn, rows: Sequence[Outgoing], partition: Callable[[str], int]) -> None:
     """Insert the rows in this order (the relay publishes a partition's rows in id order)."""
     if rows:
-        await conn.execute(
-            _INSERT,
-            [r.event_id for r in rows],
-            [r.type for r in rows],
-            [r.key for r in rows],
-            [r.data for r in rows],
-            [r.created_at for r in rows],
-            [partition(r.key) for r in rows],
-        )
+        values = [(r.event_id, r.type, r.key, r.data, r.created_at, partition(r.key)) for r in rows]
+        await conn.execute(_INSERT, jsonrows.dumps(values))

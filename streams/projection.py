@@ -18,6 +18,7 @@ import asyncpg
 from domain.actions import Action, Arm, last_per_action
 from domain.lifecycle import CloseReason, Conversation, Emit, State
 from domain.policy import LifecyclePolicy
+from streams import jsonrows
 from streams.outgoing import write_outbox
 from streams.plan import Current, Plan, Planner, Thread
 from streams.receipts import apply_receipts
@@ -73,9 +74,9 @@ def _conversation(row: asyncpg.Record) -> Conversation:
 
 # The thread's current conversation: the highest thread_seq (log order, never a wall clock);
 # the open one, if any, always has it. One index probe per thread.
-_LATEST = """
+_LATEST = f"""
 SELECT c.*
-FROM unnest($1::text[], $2::text[]) AS t(channel_id, contact_id)
+FROM ({jsonrows.select(["text", "text"])}) AS t(channel_id, contact_id, n)
 CROSS JOIN LATERAL (
   SELECT * FROM conversations c
   WHERE c.channel_id = t.channel_id AND c.contact_id = t.contact_id
@@ -94,15 +95,13 @@ _CONV_TYPES = (
 ).split()
 
 
-def _unnest(types: Sequence[str]) -> str:
-    """unnest($1::t1[], $2::t2[], ...): one parameter array per column."""
-    return "unnest(" + ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1)) + ")"
-
-
-_CONV_UNNEST = _unnest(_CONV_TYPES)
-_INSERT_CONVERSATIONS = f"INSERT INTO conversations ({_CONV_COLUMNS}) SELECT * FROM {_CONV_UNNEST}"
-# One unnest carries the new values and the version each row was read at, so the statement is
-# one scan joined to conversations by primary key: linear in the batch. (It used to join two
+# Every batched statement reads its rows from one JSON parameter (streams/jsonrows.py).
+_INSERT_CONVERSATIONS = (
+    f"INSERT INTO conversations ({_CONV_COLUMNS})"
+    f" SELECT {_CONV_COLUMNS} FROM ({jsonrows.select(_CONV_TYPES)}) AS u({_CONV_COLUMNS}, n)"
+)
+# One row source carries the new values and the version each row was read at, so the statement
+# is one scan joined to conversations by primary key: linear in the batch. (It used to join two
 # unnests by id, a nested loop: 1,000 rows cost 999,000 join-filter rejections, 0.4-0.9 s.)
 _UPDATE_CONVERSATIONS = f"""
 UPDATE conversations c SET
@@ -110,35 +109,29 @@ UPDATE conversations c SET
   close_reason = u.close_reason, closed_at = u.closed_at, assigned_agent = u.assigned_agent,
   pending_close_reason = u.pending_close_reason, state_before_close = u.state_before_close,
   window_expires_at = GREATEST(u.window_expires_at, c.window_expires_at)
-FROM {_unnest([*_CONV_TYPES, "int"])} AS u({_CONV_COLUMNS}, expected)
+FROM ({jsonrows.select([*_CONV_TYPES, "int"])}) AS u({_CONV_COLUMNS}, expected, n)
 WHERE c.id = u.id AND c.version = u.expected
 RETURNING c.id
 """
-_INSERT_MESSAGES = """
+_MESSAGE_TYPES = "uuid text text text text text jsonb timestamptz".split()
+_INSERT_MESSAGES = f"""
 INSERT INTO messages (conversation_id, channel_id, contact_id, provider_message_id, direction, type,
                       text, payload, status, sent_at)
 SELECT m.conversation_id, m.channel_id, m.contact_id, m.provider_message_id, 'inbound', m.type,
-       m.text, m.payload::jsonb, 'received', m.sent_at
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::timestamptz[]) WITH ORDINALITY
+       m.text, m.payload, 'received', m.sent_at
+FROM ({jsonrows.select(_MESSAGE_TYPES)})
   AS m(conversation_id, channel_id, contact_id, provider_message_id, type, text, payload, sent_at, n)
 ORDER BY m.n
 ON CONFLICT (channel_id, direction, contact_id, provider_message_id) DO NOTHING
 """
-_INSERT_EVENTS = """
+_EVENT_TYPES = "uuid text text text text text text int timestamptz".split()
+_INSERT_EVENTS = f"""
 INSERT INTO conversation_events (conversation_id, event_id, kind, from_state, to_state, cause,
                                  detail, version, occurred_at)
 SELECT a, b, c, d, e, f, g, h, i
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::text[], $8::int[], $9::timestamptz[]) WITH ORDINALITY
-  AS u(a, b, c, d, e, f, g, h, i, n)
+FROM ({jsonrows.select(_EVENT_TYPES)}) AS u(a, b, c, d, e, f, g, h, i, n)
 ORDER BY n
 """
-
-
-def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
-    """Rows to the per-column lists that unnest() takes."""
-    return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
 
 
 def _conversation_row(conv: Conversation, window: Any, seq: int) -> tuple[Any, ...]:
@@ -163,26 +156,28 @@ def _conversation_row(conv: Conversation, window: Any, seq: int) -> tuple[Any, .
 
 
 # The durable intent of every action (see domain/actions.py), sorted by key: rows locked in order.
-_ARM = """
+_ARM = f"""
 INSERT INTO scheduled_actions (owner, name, token, due_at, partition)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int[])
+SELECT owner, name, token, due_at, partition
+FROM ({jsonrows.select("text text text timestamptz int".split())})
+  AS a(owner, name, token, due_at, partition, n)
 ON CONFLICT (owner, name) DO UPDATE
   SET token = EXCLUDED.token, due_at = EXCLUDED.due_at, partition = EXCLUDED.partition
 """
-_DISARM = """
-DELETE FROM scheduled_actions a USING unnest($1::text[], $2::text[]) AS d(owner, name)
+_DISARM = f"""
+DELETE FROM scheduled_actions a USING ({jsonrows.select(["text", "text"])}) AS d(owner, name, n)
 WHERE a.owner = d.owner AND a.name = d.name
 """
 
 _CLAIM = (
-    "INSERT INTO processed_events (event_id) SELECT unnest($1::text[])"
+    f"INSERT INTO processed_events (event_id) SELECT e.v FROM ({jsonrows.values()}) AS e(v, n)"
     " ON CONFLICT DO NOTHING RETURNING event_id"
 )
 
 
 async def _claim(conn: Conn, events: Sequence[ConversationEvent]) -> list[ConversationEvent]:
     """Record the events' ids in the ledger; returns the ones not applied before, in order."""
-    fresh = {r["event_id"] for r in await conn.fetch(_CLAIM, [e.event_id for e in events])}
+    fresh = {r["event_id"] for r in await conn.fetch(_CLAIM, jsonrows.dumps([e.event_id for e in events]))}
     todo = []
     for event in events:
         if event.event_id in fresh:
@@ -193,7 +188,7 @@ async def _claim(conn: Conn, events: Sequence[ConversationEvent]) -> list[Conver
 
 async def _read_current(conn: Conn, events: Sequence[ConversationEvent]) -> dict[Thread, Current]:
     threads = sorted({(e.channel_id, e.contact_id) for e in events if not isinstance(e, SCHEDULE_RECORDS)})
-    rows = await conn.fetch(_LATEST, [t[0] for t in threads], [t[1] for t in threads])
+    rows = await conn.fetch(_LATEST, jsonrows.dumps(threads))
     return {(r["channel_id"], r["contact_id"]): Current(_conversation(r), r["thread_seq"]) for r in rows}
 
 
@@ -203,16 +198,10 @@ async def write_actions(conn: Conn, actions: list[Action], partition: Callable[[
     arms = [a for _, a in last if isinstance(a, Arm)]
     disarms = [a for _, a in last if not isinstance(a, Arm)]
     if arms:
-        await conn.execute(
-            _ARM,
-            [a.owner for a in arms],
-            [a.name for a in arms],
-            [a.token for a in arms],
-            [a.due_at for a in arms],
-            [partition(a.owner) for a in arms],
-        )
+        rows = [(a.owner, a.name, a.token, a.due_at, partition(a.owner)) for a in arms]
+        await conn.execute(_ARM, jsonrows.dumps(rows))
     if disarms:
-        await conn.execute(_DISARM, [a.owner for a in disarms], [a.name for a in disarms])
+        await conn.execute(_DISARM, jsonrows.dumps([(a.owner, a.name) for a in disarms]))
 
 
 async def _write(conn: Conn, plan: Plan, partitions: int, events: Sequence[ConversationEvent]) -> int:
@@ -220,18 +209,18 @@ async def _write(conn: Conn, plan: Plan, partitions: int, events: Sequence[Conve
     partition = partitioner(partitions)
     if plan.inserts:
         rows_in = [_conversation_row(c, plan.windows.get(c.id), plan.seq[c.id]) for c in plan.inserts]
-        await conn.execute(_INSERT_CONVERSATIONS, *_columns(rows_in, len(_CONV_TYPES)))
+        await conn.execute(_INSERT_CONVERSATIONS, jsonrows.dumps(rows_in))
     if plan.updates:
-        rows_up = [_conversation_row(c, plan.windows.get(c.id), plan.seq[c.id]) for c, _ in plan.updates]
-        won = await conn.fetch(
-            _UPDATE_CONVERSATIONS, *_columns(rows_up, len(_CONV_TYPES)), [read for _, read in plan.updates]
-        )
+        rows_up = [
+            (*_conversation_row(c, plan.windows.get(c.id), plan.seq[c.id]), read) for c, read in plan.updates
+        ]
+        won = await conn.fetch(_UPDATE_CONVERSATIONS, jsonrows.dumps(rows_up))
         if len(won) != len(plan.updates):
             raise StaleVersion(f"{len(plan.updates) - len(won)} conversation(s) changed under us")
     if plan.messages:
-        await conn.execute(_INSERT_MESSAGES, *_columns(plan.messages, 8))
+        await conn.execute(_INSERT_MESSAGES, jsonrows.dumps(plan.messages))
     if plan.audit:
-        await conn.execute(_INSERT_EVENTS, *_columns(plan.audit, 9))
+        await conn.execute(_INSERT_EVENTS, jsonrows.dumps(plan.audit))
     if plan.receipts:
         await settle_from_receipts(conn, plan.receipts, partitions)  # sends in doubt: the provider took them
     outbox = plan.outbox

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -15,9 +16,17 @@ from streams.topics import thread_key
 CONVERSATION_NAMESPACE = uuid.UUID("6f1d4b52-8f7e-4c39-9a51-0c3f2a7d9e10")
 
 
+_NAMESPACE_BYTES = CONVERSATION_NAMESPACE.bytes
+
+
 def conversation_id_for(event_id: str) -> str:
-    """The deterministic id of a conversation opened by this event."""
-    return str(uuid.uuid5(CONVERSATION_NAMESPACE, event_id))
+    """The deterministic id of a conversation opened by this event: uuid5(CONVERSATION_NAMESPACE,
+    event_id) as text, computed without building UUID objects (once per inbound message)."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + event_id.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Record(BaseModel):

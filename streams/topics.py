@@ -26,13 +26,20 @@ def partition_of(key: bytes, partitions: int) -> int:
     return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+_MEMO_LIMIT = 100_000  # keys remembered per partition count (~10 MB at most)
+_memos: dict[int, dict[str, int]] = {}
+
+
 def partitioner(partitions: int) -> Callable[[str], int]:
-    """A key's partition, memoised for one batch or call (murmur2 in Python costs ~5 us a key)."""
-    seen: dict[str, int] = {}
+    """A key's partition, memoised for the process (murmur2 in Python costs ~5 us a key, and a
+    busy thread's key comes back in every batch); the memo starts over past _MEMO_LIMIT keys."""
+    seen = _memos.setdefault(partitions, {})
 
     def partition(key: str) -> int:
         p = seen.get(key)
         if p is None:
+            if len(seen) >= _MEMO_LIMIT:
+                seen.clear()
             p = seen[key] = partition_of(key.encode(), partitions)
         return p
 

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from domain.policy import LifecyclePolicy
+from streams import jsonrows
 from streams.projection import _UPDATE_CONVERSATIONS, apply_batch
 from streams.records import CloseCommand, InboundMessage
 from streams.schema import create_pool, migrate
@@ -81,8 +82,8 @@ async def test_the_batched_update_is_linear_in_the_batch(pool: asyncpg.Pool) -> 
         cols = "id channel_id contact_id state version opened_at updated_at deadline_at close_reason".split()
         cols += "closed_at previous_conversation_id assigned_agent pending_close_reason".split()
         cols += "state_before_close window_expires_at thread_seq".split()
-        args: list[list[Any]] = [[r[c] for r in rows] for c in cols]
-        args[4] = [v + 1 for v in args[4]]  # the new version
+        # each row: its new values (the version one up) and the version it was read at
+        batch = [(*[r[c] + 1 if c == "version" else r[c] for c in cols], r["version"]) for r in rows]
         # Under load the planner chose nested loops for the old statement (two unnests joined by
         # id: 999,000 join-filter rejections per 1,000 rows). Force nested loops: the statement's
         # shape, not the planner's mood, must keep it linear.
@@ -91,9 +92,7 @@ async def test_the_batched_update_is_linear_in_the_batch(pool: asyncpg.Pool) -> 
         with contextlib.suppress(Rollback):
             async with conn.transaction():
                 explained = await conn.fetchval(
-                    "EXPLAIN (ANALYZE, FORMAT JSON) " + _UPDATE_CONVERSATIONS,
-                    *args,
-                    [r["version"] for r in rows],
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + _UPDATE_CONVERSATIONS, jsonrows.dumps(batch)
                 )
                 raise Rollback
     plan = json.loads(explained)[0]["Plan"]
