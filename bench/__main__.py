@@ -10,7 +10,19 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
-from bench import baselines, batches, cpu, pipeline, recovery, schedules, sends, timers, webhooks, whatif
+from bench import (
+    baselines,
+    batches,
+    cpu,
+    pipeline,
+    recovery,
+    scaling,
+    schedules,
+    sends,
+    timers,
+    webhooks,
+    whatif,
+)
 from bench.stats import pct, row, summary_ms
 from tests.integration.harness import Deployment, GenericChannel, Services, local_services
 
@@ -23,6 +35,17 @@ async def noop_paths(services: Services, scale: float, rounds: int = 3) -> None:
         events = await baselines.faust_noop(services.bootstrap, n)
         batched = await baselines.faust_noop(services.bootstrap, n, path="batches")
         row(f"round {i + 1}", f"{events:,.0f} vs {batched:,.0f} events/s", f"= {batched / events:.2f}x")
+
+
+async def worker_processes(services: Services, scale: float) -> None:
+    """1, 2 and 4 worker processes sharing the partitions, each count draining the same backlog."""
+    n = int(100_000 * scale)
+    print(f"\n== worker processes sharing 8 partitions ({n:,} events each) ==", flush=True)
+    found = await scaling.workers(services, (1, 2, 4), n)
+    one = found[1][0]
+    for count, (rate, usage) in found.items():
+        row(f"{count} worker process(es)", f"{rate:,.0f} msg/s", f"= {rate / one:.2f}x one")
+        print(f"    CPU: {cpu.describe(usage)}", flush=True)
 
 
 async def run(services: Services, scale: float, skip_timers: bool, inbound_only: bool = False) -> None:
@@ -77,9 +100,14 @@ async def run(services: Services, scale: float, skip_timers: bool, inbound_only:
         )
         row("  timer updates as a side effect (one per message)", f"{rate:,.0f} /s")
 
+        print("\n== catch-up: a backlog, then the worker started with live traffic arriving ==", flush=True)
+        scaling.print_catch_up(
+            await scaling.catch_up(dep, channel.id, int(200_000 * scale), live_rate=min(1000.0, rate / 4))
+        )
+
         print("\n== API: signed webhook -> Kafka ack -> 200 ==", flush=True)
         n_http = int(30_000 * scale)
-        await pipeline.drained(dep)  # each phase starts with the worker idle: no backlog competes
+        await pipeline.drained(dep, "ingress phase")  # the worker idle: no backlog competes
         accepted, lat, _ = await pipeline.ingress(dep, channel, n_http, concurrency=64)
         row(
             f"generic webhooks accepted, flat out ({n_http:,}, 64 in flight)",
@@ -88,7 +116,7 @@ async def run(services: Services, scale: float, skip_timers: bool, inbound_only:
         )
         row("  ack latency", summary_ms(lat))
         wa_req = pipeline.whatsapp_requests(wa_phone, wa_secret, n_http)
-        await pipeline.drained(dep)
+        await pipeline.drained(dep, "WhatsApp ingress phase")
         wa_rate, wa_lat, _ = await pipeline.ingress(dep, channel, n_http, concurrency=64, prepared=wa_req)
         row(
             f"WhatsApp webhooks accepted, flat out ({n_http:,}, X-Hub-Signature-256)",
@@ -96,7 +124,7 @@ async def run(services: Services, scale: float, skip_timers: bool, inbound_only:
             f"= {wa_rate / accepted:.2f}x generic",
         )
         row("  ack latency", summary_ms(wa_lat))
-        await pipeline.drained(dep)
+        await pipeline.drained(dep, "paced ingress phase")
         paced_n = int(20_000 * scale)
         accepted, lat, _ = await pipeline.ingress(dep, channel, paced_n, concurrency=128, rate=2000)
         row(f"generic webhooks paced at 2,000/s ({paced_n:,})", f"{accepted:,.0f} /s achieved")
@@ -104,7 +132,7 @@ async def run(services: Services, scale: float, skip_timers: bool, inbound_only:
 
         print("\n== end to end: webhook -> row (worker drained first) ==", flush=True)
         for offered in (200, 1000, 5000):
-            await pipeline.drained(dep)
+            await pipeline.drained(dep, f"{offered:,}/s phase")
             n = int(offered * 8 * scale)
             usage: dict[str, float] = {}
             with cpu.accounting(usage):
@@ -115,6 +143,7 @@ async def run(services: Services, scale: float, skip_timers: bool, inbound_only:
             print(f"    CPU: {cpu.describe(usage)}", flush=True)
     finally:
         dep.stop_all()
+    await worker_processes(services, scale)
     if inbound_only:
         return
     await schedule_phase(services, scale)
@@ -169,6 +198,13 @@ async def projection(services: Services) -> None:
         row(f"apply a batch of {size:,} messages (open conversations)", f"{us:,.0f} us/event")
     spread = max(per_event.values()) / min(per_event.values())
     row("  largest / smallest per-event cost", f"{spread:.2f}x", "(linear batches: flat within 2x)")
+    enc = await batches.encoding(services.postgres_url)
+    for name, (cpu_us, wall_us) in enc.items():
+        row(
+            f"insert 1,000 nine-column rows, {name} parameters",
+            f"{cpu_us:.2f} us CPU, {wall_us:.2f} us wall per row",
+            "(the batched statements take JSON: streams/jsonrows.py)" if name == "json" else "",
+        )
     clean, bisect, before = await batches.poison_cost(services.postgres_url)
     row("a batch of 1,000, clean", f"{clean * 1000:,.0f} ms")
     row(
@@ -262,6 +298,9 @@ def main() -> None:
     parser.add_argument("--webhooks-only", action="store_true", help="only the outgoing-webhooks phase")
     parser.add_argument("--sends-only", action="store_true", help="only the outbound-sends phase")
     parser.add_argument(
+        "--scaling-only", action="store_true", help="only the 1, 2 and 4 worker processes phase"
+    )
+    parser.add_argument(
         "--inbound-only",
         action="store_true",
         help="baselines, projection, worker, ingress, end to end (no schedules, webhooks, sends, timers)",
@@ -279,7 +318,7 @@ def main() -> None:
         whatif.run(int(1_000_000 * args.scale))
         return
     only = [args.projection_only, args.recovery_only, args.schedules_only, args.webhooks_only]
-    if any(only) or args.sends_only or args.noop_only:
+    if any(only) or args.sends_only or args.noop_only or args.scaling_only:
         with local_services("parley-bench-") as services:
             if args.projection_only:
                 asyncio.run(projection(services))
@@ -293,6 +332,8 @@ def main() -> None:
                 asyncio.run(sends.run(services, args.scale))
             if args.noop_only:
                 asyncio.run(noop_paths(services, args.scale))
+            if args.scaling_only:
+                asyncio.run(worker_processes(services, args.scale))
         return
     with local_services("parley-bench-") as services:
         print(

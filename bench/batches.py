@@ -16,6 +16,7 @@ import asyncpg
 
 from agents.runner import apply_isolating, with_retries
 from domain.policy import LifecyclePolicy
+from streams import jsonrows
 from streams.projection import apply_batch
 from streams.records import InboundMessage
 from streams.schema import create_pool, migrate
@@ -57,8 +58,12 @@ async def _apply(pool: asyncpg.Pool, events: Sequence[InboundMessage]) -> None:
         await apply_batch(conn, events, POLICY, 8)
 
 
-async def per_event_by_batch_size(pg_url: str, sizes: Sequence[int], rounds: int = 3) -> dict[int, float]:
-    """Median microseconds per event to apply a batch of one message per open conversation."""
+async def per_event_by_batch_size(
+    pg_url: str, sizes: Sequence[int], total: int = 30_000
+) -> dict[int, float]:
+    """Median microseconds per event to apply a batch of one message per open conversation,
+    over enough batches of each size to apply `total` events (at least 3): one batch of 10
+    takes a few ms, which a shared box's noise would swamp."""
     pool = await _fresh_pool(pg_url)
     try:
         result: dict[int, float] = {}
@@ -66,7 +71,7 @@ async def per_event_by_batch_size(pg_url: str, sizes: Sequence[int], rounds: int
             contacts = [f"s{size}-{i}" for i in range(size)]
             await _apply(pool, _messages(contacts, "open"))
             times = []
-            for r in range(rounds):
+            for r in range(max(3, total // size)):
                 events = _messages(contacts, f"r{r}")
                 start = time.perf_counter()
                 await _apply(pool, events)
@@ -127,5 +132,51 @@ async def poison_cost(pg_url: str, size: int = 1000) -> tuple[float, float, floa
                     await old_retries([event])
         before = time.perf_counter() - start
         return clean, bisect, before
+    finally:
+        await pool.close()
+
+
+_EVENT_TYPES = "uuid text text text text text text int timestamptz".split()
+_BY_ARRAYS = (
+    "INSERT INTO encoding_probe SELECT a, b, c, d, e, f, g, h, i FROM unnest("
+    + ", ".join(f"${i}::{t}[]" for i, t in enumerate(_EVENT_TYPES, 1))
+    + ") WITH ORDINALITY AS u(a, b, c, d, e, f, g, h, i, n) ORDER BY n"
+)
+
+
+async def encoding(pg_url: str, rows: int = 1000, rounds: int = 20) -> dict[str, tuple[float, float]]:
+    """The same 1,000 audit rows inserted as one array parameter per column (asyncpg encodes each
+    value) and as one JSON parameter (streams/jsonrows.py): client CPU and wall us per row."""
+    pool = await _fresh_pool(pg_url)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "CREATE TABLE encoding_probe (conversation_id uuid, event_id text, kind text,"
+                " from_state text, to_state text, cause text, detail text, version int,"
+                " occurred_at timestamptz)"
+            )
+            now = datetime.now(UTC)
+            batch = [
+                (str(uuid.uuid4()), f"e{i}", "transition", "open", "open", "message:x", None, i, now)
+                for i in range(rows)
+            ]
+            by_json = (
+                "INSERT INTO encoding_probe SELECT a, b, c, d, e, f, g, h, i"
+                f" FROM ({jsonrows.select(_EVENT_TYPES)}) AS u(a, b, c, d, e, f, g, h, i, n) ORDER BY n"
+            )
+            found: dict[str, tuple[float, float]] = {}
+            for name in ("arrays", "json") * 2:  # the second pass is the one kept (warm)
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                for _ in range(rounds):
+                    if name == "arrays":
+                        await conn.execute(_BY_ARRAYS, *[[r[i] for r in batch] for i in range(9)])
+                    else:
+                        await conn.execute(by_json, jsonrows.dumps(batch))
+                n = rows * rounds
+                found[name] = (
+                    1e6 * (time.process_time() - cpu0) / n,
+                    1e6 * (time.perf_counter() - wall0) / n,
+                )
+            return found
     finally:
         await pool.close()

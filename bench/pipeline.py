@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 import aiohttp
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.progress import waiting
 from channels import whatsapp
@@ -71,7 +72,7 @@ async def stored_rows(db: asyncpg.Connection) -> int:
     return n
 
 
-async def _reached(db: asyncpg.Connection, n: int) -> bool:
+async def reached(db: asyncpg.Connection, n: int) -> bool:
     return await stored_rows(db) >= n
 
 
@@ -88,10 +89,10 @@ async def worker_throughput(dep: Deployment, channel_id: str, n: int, contacts: 
         await produce_messages(dep.services.bootstrap, topic, channel_id, items)
         base = await stored_rows(db)
         dep.start("worker")
-        await waiting(lambda: _reached(db, base + 1), 120, "the first row")
+        await waiting(lambda: reached(db, base + 1), 120, "the first row")
         start = time.perf_counter()
         first = await stored_rows(db) - base
-        await waiting(lambda: _reached(db, base + n), 600, "all rows")
+        await waiting(lambda: reached(db, base + n), 600, "all rows")
         return (n - first) / (time.perf_counter() - start)
     finally:
         await db.close()
@@ -224,17 +225,33 @@ async def _all_in(db: asyncpg.Connection, ids: list[str]) -> bool:
     return n >= len(ids)
 
 
-async def drained(dep: Deployment) -> None:
-    """Wait until the worker has applied everything produced so far (no backlog skews latency)."""
-    db = await asyncpg.connect(dep.database_url)
+async def lag(dep: Deployment) -> int:
+    """Records of the conversation topic not yet committed by the worker's consumer group."""
+    topic = Topics(dep.name).conversation_events
+    admin = AIOKafkaAdminClient(bootstrap_servers=dep.services.bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=dep.services.bootstrap)
+    await admin.start()
+    await consumer.start()
     try:
-
-        async def idle() -> bool:
-            a: int = await db.fetchval("SELECT count(*) FROM processed_events")
-            await asyncio.sleep(1.0)  # sampling the ledger's growth over one second
-            b: int = await db.fetchval("SELECT count(*) FROM processed_events")
-            return a == b
-
-        await waiting(idle, 600, "the worker to drain its backlog")
+        committed = await admin.list_consumer_group_offsets(dep.name)
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            partitions = [tp for tp in committed if tp.topic == topic]
+        ends = await consumer.end_offsets(partitions)
+        return sum(
+            max(0, end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0))
+            for tp, end in ends.items()
+        )
     finally:
-        await db.close()
+        await consumer.stop()
+        await admin.close()
+
+
+async def drained(dep: Deployment, what: str = "phase") -> None:
+    """Print the backlog at the start of a phase, then wait until the group's lag is 0."""
+    print(f"    lag at the start of the {what}: {await lag(dep):,} records", flush=True)
+
+    async def empty() -> bool:
+        return await lag(dep) == 0
+
+    await waiting(empty, 900, "the worker's backlog to reach 0")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -141,18 +141,27 @@ def status_data(
     ).decode()
 
 
-_INSERT = f"""
+def insert_outbox(param: int) -> str:
+    """The outbox INSERT of the rows in parameter $param (`outbox_rows`), in their order."""
+    return f"""
 INSERT INTO outbox (event_id, type, key, payload, created_at, partition)
 SELECT o.event_id, o.type, o.key, o.payload, o.created_at, o.partition
-FROM ({jsonrows.select("text text text jsonb timestamptz int".split())})
+FROM ({jsonrows.select("text text text jsonb timestamptz int".split(), param)})
   AS o(event_id, type, key, payload, created_at, partition, n)
 ORDER BY o.n
 ON CONFLICT (event_id) DO NOTHING
 """
 
 
+_INSERT = insert_outbox(1)
+
+
+def outbox_rows(rows: Sequence[Outgoing], partition: Callable[[str], int]) -> list[tuple[Any, ...]]:
+    """The rows as `insert_outbox` takes them, each with its key's partition."""
+    return [(r.event_id, r.type, r.key, r.data, r.created_at, partition(r.key)) for r in rows]
+
+
 async def write_outbox(conn: Conn, rows: Sequence[Outgoing], partition: Callable[[str], int]) -> None:
     """Insert the rows in this order (the relay publishes a partition's rows in id order)."""
     if rows:
-        values = [(r.event_id, r.type, r.key, r.data, r.created_at, partition(r.key)) for r in rows]
-        await conn.execute(_INSERT, jsonrows.dumps(values))
+        await conn.execute(_INSERT, jsonrows.dumps(outbox_rows(rows, partition)))

@@ -19,7 +19,7 @@ from domain.actions import Action, Arm, last_per_action
 from domain.lifecycle import CloseReason, Conversation, Emit, State
 from domain.policy import LifecyclePolicy
 from streams import jsonrows
-from streams.outgoing import write_outbox
+from streams.outgoing import insert_outbox, outbox_rows
 from streams.plan import Current, Plan, Planner, Thread
 from streams.receipts import apply_receipts
 from streams.records import SCHEDULE_RECORDS, ConversationEvent
@@ -96,41 +96,69 @@ _CONV_TYPES = (
 
 
 # Every batched statement reads its rows from one JSON parameter (streams/jsonrows.py).
-_INSERT_CONVERSATIONS = (
-    f"INSERT INTO conversations ({_CONV_COLUMNS})"
-    f" SELECT {_CONV_COLUMNS} FROM ({jsonrows.select(_CONV_TYPES)}) AS u({_CONV_COLUMNS}, n)"
-)
+def _insert_conversations(param: int) -> str:
+    return (
+        f"INSERT INTO conversations ({_CONV_COLUMNS})"
+        f" SELECT {_CONV_COLUMNS} FROM ({jsonrows.select(_CONV_TYPES, param)}) AS u({_CONV_COLUMNS}, n)"
+    )
+
+
 # One row source carries the new values and the version each row was read at, so the statement
 # is one scan joined to conversations by primary key: linear in the batch. (It used to join two
 # unnests by id, a nested loop: 1,000 rows cost 999,000 join-filter rejections, 0.4-0.9 s.)
-_UPDATE_CONVERSATIONS = f"""
+def _update_conversations(param: int) -> str:
+    return f"""
 UPDATE conversations c SET
   state = u.state, version = u.version, updated_at = u.updated_at, deadline_at = u.deadline_at,
   close_reason = u.close_reason, closed_at = u.closed_at, assigned_agent = u.assigned_agent,
   pending_close_reason = u.pending_close_reason, state_before_close = u.state_before_close,
   window_expires_at = GREATEST(u.window_expires_at, c.window_expires_at)
-FROM ({jsonrows.select([*_CONV_TYPES, "int"])}) AS u({_CONV_COLUMNS}, expected, n)
+FROM ({jsonrows.select([*_CONV_TYPES, "int"], param)}) AS u({_CONV_COLUMNS}, expected, n)
 WHERE c.id = u.id AND c.version = u.expected
 RETURNING c.id
 """
+
+
 _MESSAGE_TYPES = "uuid text text text text text jsonb timestamptz".split()
-_INSERT_MESSAGES = f"""
+
+
+def _insert_messages(param: int) -> str:
+    return f"""
 INSERT INTO messages (conversation_id, channel_id, contact_id, provider_message_id, direction, type,
                       text, payload, status, sent_at)
 SELECT m.conversation_id, m.channel_id, m.contact_id, m.provider_message_id, 'inbound', m.type,
        m.text, m.payload, 'received', m.sent_at
-FROM ({jsonrows.select(_MESSAGE_TYPES)})
+FROM ({jsonrows.select(_MESSAGE_TYPES, param)})
   AS m(conversation_id, channel_id, contact_id, provider_message_id, type, text, payload, sent_at, n)
 ORDER BY m.n
 ON CONFLICT (channel_id, direction, contact_id, provider_message_id) DO NOTHING
 """
+
+
 _EVENT_TYPES = "uuid text text text text text text int timestamptz".split()
-_INSERT_EVENTS = f"""
+
+
+def _insert_events(param: int) -> str:
+    return f"""
 INSERT INTO conversation_events (conversation_id, event_id, kind, from_state, to_state, cause,
                                  detail, version, occurred_at)
 SELECT a, b, c, d, e, f, g, h, i
-FROM ({jsonrows.select(_EVENT_TYPES)}) AS u(a, b, c, d, e, f, g, h, i, n)
+FROM ({jsonrows.select(_EVENT_TYPES, param)}) AS u(a, b, c, d, e, f, g, h, i, n)
 ORDER BY n
+"""
+
+
+_UPDATE_CONVERSATIONS = _update_conversations(1)
+# The conversations, their messages and the audit log in one statement, one round trip: the
+# data-modifying CTEs run once each, whether read or not; foreign keys are checked at the end of
+# the statement, so a message may belong to a conversation inserted beside it. Returns how many
+# conditional updates won (all of them, or another writer changed a conversation under us).
+_WRITE_CONVERSATIONS = f"""
+WITH inserted AS ({_insert_conversations(1)} RETURNING 1),
+updated AS ({_update_conversations(2)}),
+messages AS ({_insert_messages(3)} RETURNING 1),
+audit AS ({_insert_events(4)} RETURNING 1)
+SELECT count(*) FROM updated
 """
 
 
@@ -156,17 +184,32 @@ def _conversation_row(conv: Conversation, window: Any, seq: int) -> tuple[Any, .
 
 
 # The durable intent of every action (see domain/actions.py), sorted by key: rows locked in order.
-_ARM = f"""
+def _arm(param: int) -> str:
+    return f"""
 INSERT INTO scheduled_actions (owner, name, token, due_at, partition)
 SELECT owner, name, token, due_at, partition
-FROM ({jsonrows.select("text text text timestamptz int".split())})
+FROM ({jsonrows.select("text text text timestamptz int".split(), param)})
   AS a(owner, name, token, due_at, partition, n)
 ON CONFLICT (owner, name) DO UPDATE
   SET token = EXCLUDED.token, due_at = EXCLUDED.due_at, partition = EXCLUDED.partition
 """
-_DISARM = f"""
-DELETE FROM scheduled_actions a USING ({jsonrows.select(["text", "text"])}) AS d(owner, name, n)
+
+
+def _disarm(param: int) -> str:
+    return f"""
+DELETE FROM scheduled_actions a USING ({jsonrows.select(["text", "text"], param)}) AS d(owner, name, n)
 WHERE a.owner = d.owner AND a.name = d.name
+"""
+
+
+# The batch's effects beyond the conversations, in one statement: its actions' durable intent
+# (rows locked in key order) and its outgoing events (inserted in order: the relay publishes a
+# partition's rows in id order).
+_WRITE_EFFECTS = f"""
+WITH armed AS ({_arm(1)} RETURNING 1),
+disarmed AS ({_disarm(2)} RETURNING 1),
+outboxed AS ({insert_outbox(3)} RETURNING 1)
+SELECT 1
 """
 
 _CLAIM = (
@@ -192,35 +235,31 @@ async def _read_current(conn: Conn, events: Sequence[ConversationEvent]) -> dict
     return {(r["channel_id"], r["contact_id"]): Current(_conversation(r), r["thread_seq"]) for r in rows}
 
 
-async def write_actions(conn: Conn, actions: list[Action], partition: Callable[[str], int]) -> None:
-    """Store the last decision per (owner, name): armed rows upserted, disarmed ones deleted."""
+def action_rows(actions: list[Action], partition: Callable[[str], int]) -> tuple[list[Any], list[Any]]:
+    """The last decision per (owner, name), sorted by key: (rows to arm, (owner, name) to disarm)."""
     last = sorted(last_per_action(actions).items())
-    arms = [a for _, a in last if isinstance(a, Arm)]
-    disarms = [a for _, a in last if not isinstance(a, Arm)]
-    if arms:
-        rows = [(a.owner, a.name, a.token, a.due_at, partition(a.owner)) for a in arms]
-        await conn.execute(_ARM, jsonrows.dumps(rows))
-    if disarms:
-        await conn.execute(_DISARM, jsonrows.dumps([(a.owner, a.name) for a in disarms]))
+    arms = [(a.owner, a.name, a.token, a.due_at, partition(a.owner)) for _, a in last if isinstance(a, Arm)]
+    disarms = [(a.owner, a.name) for _, a in last if not isinstance(a, Arm)]
+    return arms, disarms
 
 
 async def _write(conn: Conn, plan: Plan, partitions: int, events: Sequence[ConversationEvent]) -> int:
     """Write the plan; returns how many outgoing events went to the outbox."""
     partition = partitioner(partitions)
-    if plan.inserts:
+    if plan.inserts or plan.updates or plan.messages or plan.audit:
         rows_in = [_conversation_row(c, plan.windows.get(c.id), plan.seq[c.id]) for c in plan.inserts]
-        await conn.execute(_INSERT_CONVERSATIONS, jsonrows.dumps(rows_in))
-    if plan.updates:
         rows_up = [
             (*_conversation_row(c, plan.windows.get(c.id), plan.seq[c.id]), read) for c, read in plan.updates
         ]
-        won = await conn.fetch(_UPDATE_CONVERSATIONS, jsonrows.dumps(rows_up))
-        if len(won) != len(plan.updates):
-            raise StaleVersion(f"{len(plan.updates) - len(won)} conversation(s) changed under us")
-    if plan.messages:
-        await conn.execute(_INSERT_MESSAGES, jsonrows.dumps(plan.messages))
-    if plan.audit:
-        await conn.execute(_INSERT_EVENTS, jsonrows.dumps(plan.audit))
+        won = await conn.fetchval(
+            _WRITE_CONVERSATIONS,
+            jsonrows.dumps(rows_in),
+            jsonrows.dumps(rows_up),
+            jsonrows.dumps(plan.messages),
+            jsonrows.dumps(plan.audit),
+        )
+        if won != len(plan.updates):
+            raise StaleVersion(f"{len(plan.updates) - won} conversation(s) changed under us")
     if plan.receipts:
         await settle_from_receipts(conn, plan.receipts, partitions)  # sends in doubt: the provider took them
     outbox = plan.outbox
@@ -233,10 +272,15 @@ async def _write(conn: Conn, plan: Plan, partitions: int, events: Sequence[Conve
         plan.queued = await queue_sends(conn, plan.sends, partitions)
     if plan.schedules and not await write_schedules(conn, plan.schedules):
         raise StaleVersion("a schedule changed under us")
-    if plan.actions:
-        await write_actions(conn, plan.actions, partition)
     outbox = [*outbox, *plan.schedules.outbox] if plan.schedules.outbox else outbox
-    await write_outbox(conn, outbox, partition)
+    arms, disarms = action_rows(plan.actions, partition)
+    if arms or disarms or outbox:
+        await conn.execute(
+            _WRITE_EFFECTS,
+            jsonrows.dumps(arms),
+            jsonrows.dumps(disarms),
+            jsonrows.dumps(outbox_rows(outbox, partition)),
+        )
     return len(outbox)
 
 

@@ -22,7 +22,9 @@ _NAMESPACE_BYTES = CONVERSATION_NAMESPACE.bytes
 def conversation_id_for(event_id: str) -> str:
     """The deterministic id of a conversation opened by this event: uuid5(CONVERSATION_NAMESPACE,
     event_id) as text, computed without building UUID objects (once per inbound message)."""
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + event_id.encode()).digest()[:16])
+    digest = bytearray(
+        hashlib.sha1(_NAMESPACE_BYTES + event_id.encode(), usedforsecurity=False).digest()[:16]
+    )
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = digest.hex()
