@@ -101,9 +101,10 @@ async def run(services: Services, scale: float, skip_timers: bool, inbound_only:
         row("  timer updates as a side effect (one per message)", f"{rate:,.0f} /s")
 
         print("\n== catch-up: a backlog, then the worker started with live traffic arriving ==", flush=True)
-        scaling.print_catch_up(
-            await scaling.catch_up(dep, channel.id, int(200_000 * scale), live_rate=min(1000.0, rate / 4))
+        caught = await scaling.catch_up(
+            dep, channel.id, int(200_000 * scale), live_rate=min(1000.0, rate / 4)
         )
+        scaling.print_catch_up(caught, rate)
 
         print("\n== API: signed webhook -> Kafka ack -> 200 ==", flush=True)
         n_http = int(30_000 * scale)

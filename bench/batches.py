@@ -58,9 +58,7 @@ async def _apply(pool: asyncpg.Pool, events: Sequence[InboundMessage]) -> None:
         await apply_batch(conn, events, POLICY, 8)
 
 
-async def per_event_by_batch_size(
-    pg_url: str, sizes: Sequence[int], total: int = 30_000
-) -> dict[int, float]:
+async def per_event_by_batch_size(pg_url: str, sizes: Sequence[int], total: int = 30_000) -> dict[int, float]:
     """Median microseconds per event to apply a batch of one message per open conversation,
     over enough batches of each size to apply `total` events (at least 3): one batch of 10
     takes a few ms, which a shared box's noise would swamp."""

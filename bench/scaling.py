@@ -150,16 +150,18 @@ async def _all_assigned(ports: list[int], partitions: int) -> None:
         await waiting(shared, 300, f"{len(ports)} worker(s) to share the partitions")
 
 
-def print_catch_up(result: CatchUp) -> None:
-    """The catch-up phase's rows."""
+def print_catch_up(result: CatchUp, alone: float) -> None:
+    """The catch-up phase's rows (`alone`: the worker's rate draining a backlog with no live traffic)."""
     row(
         f"backlog of {result.backlog:,} built while the worker was down",
         f"arrived at {result.behind_rate:,.0f} /s",
     )
+    net = result.drain_rate - result.live_rate
     row(
         f"  caught up, with {result.live_rate:,.0f}/s live traffic arriving",
         f"in {result.catch_up_s:,.1f} s",
-        f"applied {result.drain_rate:,.0f} /s while catching up",
+        f"applied {result.drain_rate:,.0f} /s = {result.drain_rate / alone:.2f}x the worker alone; "
+        f"the backlog shrank by {net:,.0f} /s",
     )
-    marks = [s for i, s in enumerate(result.samples) if i % max(1, len(result.samples) // 6) == 0]
-    row("  lag over time (s: records)", ", ".join(f"{t:.0f}: {n:,}" for t, n in marks))
+    marks = [s for i, s in enumerate(result.samples) if i % max(1, len(result.samples) // 8) == 0]
+    row("  lag over time (s: records)", ", ".join(f"{t:.1f}: {n:,}" for t, n in marks))
