@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -17,6 +20,15 @@ def services() -> Iterator[Services]:
     """One Kafka broker and one Postgres for the whole session."""
     with local_services("parley-test-") as found:
         yield found
+
+
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """A fresh 0700 directory outside pytest's tmp tree (whose parents a test may check the
+    access of), removed with everything in it when the test ends."""
+    path = Path(tempfile.mkdtemp(prefix="parley-test-own-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -106,8 +105,9 @@ async def test_webhook_answers_503_when_kafka_is_down(
     services: Services,
     channel: GenericChannel,
     deployment: Deployment,
+    private_dir: Path,
 ) -> None:
-    broker = KafkaBroker(Path(tempfile.mkdtemp(prefix="parley-kafka-down-")), free_port())
+    broker = KafkaBroker(private_dir, free_port())
     broker.start()
     dep = Deployment(
         Services(bootstrap=broker.bootstrap, postgres_url=services.postgres_url),

@@ -14,7 +14,6 @@ import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -145,8 +144,8 @@ def _status(data: Path, ports: dict[str, int]) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
-def test_run_starts_everything_and_ctrl_c_leaves_nothing_behind() -> None:
-    data = Path(tempfile.mkdtemp(prefix="parley-run-")) / "data"
+def test_run_starts_everything_and_ctrl_c_leaves_nothing_behind(private_dir: Path) -> None:
+    data = private_dir / "data"
     ports = {name: free_port() for name in ("kafka", "pg", "http", "metrics")}
     log = data.parent / "run.log"
     proc, out = _start(data, ports, log)
@@ -209,8 +208,8 @@ def test_run_starts_everything_and_ctrl_c_leaves_nothing_behind() -> None:
     assert code == 1 and "ready:          NO" in status and "api unreachable" in status, status
 
 
-def test_run_stops_everything_and_exits_1_when_a_child_dies() -> None:
-    data = Path(tempfile.mkdtemp(prefix="parley-run-")) / "data"
+def test_run_stops_everything_and_exits_1_when_a_child_dies(private_dir: Path) -> None:
+    data = private_dir / "data"
     ports = {name: free_port() for name in ("kafka", "pg", "http", "metrics")}
     log = data.parent / "run.log"
     proc, _ = _start(data, ports, log)

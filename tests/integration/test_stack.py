@@ -8,7 +8,6 @@ import asyncio
 import os
 import pwd
 import stat
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,8 +28,8 @@ def _others_cannot_enter(path: Path) -> bool:
     return stat.S_IMODE(path.stat().st_mode) & 0o007 == 0
 
 
-async def test_local_postgres_requires_its_password_and_widens_no_directory() -> None:
-    private = Path(tempfile.mkdtemp(prefix="parley-pg-"))  # 0700, like /root
+async def test_local_postgres_requires_its_password_and_widens_no_directory(private_dir: Path) -> None:
+    private = private_dir  # 0700, like /root
     pg = LocalPostgres(private / "data" / "postgres", free_port())
     pg.start()
     try:
