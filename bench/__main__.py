@@ -10,7 +10,19 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
-from bench import baselines, batches, cpu, pipeline, recovery, schedules, sends, timers, webhooks, whatif
+from bench import (
+    baselines,
+    batches,
+    cpu,
+    ingress,
+    pipeline,
+    recovery,
+    schedules,
+    sends,
+    timers,
+    webhooks,
+    whatif,
+)
 from bench.stats import pct, row, summary_ms
 from tests.integration.harness import Deployment, GenericChannel, Services, local_services
 
@@ -267,6 +279,11 @@ def main() -> None:
         help="baselines, projection, worker, ingress, end to end (no schedules, webhooks, sends, timers)",
     )
     parser.add_argument(
+        "--ingress-only",
+        action="store_true",
+        help="raw Kafka, then signed webhooks flat out and paced with 1 and 2 API processes, CPU per process",
+    )
+    parser.add_argument(
         "--noop-only", action="store_true", help="only the Faust no-op, per-event vs batch path, 3 rounds"
     )
     parser.add_argument(
@@ -279,7 +296,7 @@ def main() -> None:
         whatif.run(int(1_000_000 * args.scale))
         return
     only = [args.projection_only, args.recovery_only, args.schedules_only, args.webhooks_only]
-    if any(only) or args.sends_only or args.noop_only:
+    if any(only) or args.sends_only or args.noop_only or args.ingress_only:
         with local_services("parley-bench-") as services:
             if args.projection_only:
                 asyncio.run(projection(services))
@@ -293,6 +310,8 @@ def main() -> None:
                 asyncio.run(sends.run(services, args.scale))
             if args.noop_only:
                 asyncio.run(noop_paths(services, args.scale))
+            if args.ingress_only:
+                asyncio.run(ingress.run(services, args.scale))
         return
     with local_services("parley-bench-") as services:
         print(
