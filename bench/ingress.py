@@ -1,5 +1,7 @@
 """Ingress alone: generic signed webhooks -> Kafka ack -> 200, with 1 and with 2 API processes
-behind one port (`PARLEY_API_PROCESSES`), beside the raw aiokafka baseline of the same run.
+behind one port (`PARLEY_API_PROCESSES`), each with one aiokafka send() per record and with
+records batched across requests (`PARLEY_INGRESS_LINGER`), beside the raw aiokafka baseline of the
+same run.
 
 Each deployment runs a worker too (as in production, and as the inbound phase): it consumes what
 the API accepts, on the same two cores; each phase starts with it drained. CPU is reported per
@@ -7,6 +9,8 @@ process (api-0, api-1: the children of `parley api`; `api`: their parent, which 
 """
 
 from __future__ import annotations
+
+import time
 
 import aiohttp
 
@@ -21,9 +25,14 @@ async def run(services: Services, scale: float, rounds: int = 2) -> None:
     print("\n== ingress: baseline (same run) ==", flush=True)
     kafka_rate = await baselines.kafka_produce_consume(services.bootstrap, n_raw)
     row("raw aiokafka produce+consume (acks=all, 300 B)", f"{kafka_rate:,.0f} msg/s")
-    for processes in (1, 2):
-        print(f"\n== ingress: signed generic webhook -> Kafka ack -> 200, {processes} API process(es) ==")
-        dep = Deployment(services, extra_env={"PARLEY_API_PROCESSES": str(processes)})
+    configs = ((1, "0"), (1, "0.001"), (2, "0"), (2, "0.001"))
+    for processes, linger in configs:
+        how = "one send() per record" if linger == "0" else f"batched across requests, linger {linger} s"
+        print(
+            f"\n== ingress: signed generic webhook -> Kafka ack -> 200, {processes} API process(es), {how} =="
+        )
+        env = {"PARLEY_API_PROCESSES": str(processes), "PARLEY_INGRESS_LINGER": linger}
+        dep = Deployment(services, extra_env=env)
         await dep.create_database()
         dep.start("worker")
         dep.start("api")
@@ -37,23 +46,33 @@ async def run(services: Services, scale: float, rounds: int = 2) -> None:
             for i in range(rounds):
                 await pipeline.drained(dep)
                 usage: dict[str, float] = {}
+                t0 = time.monotonic()
                 with cpu.accounting(usage):
                     rate, lat, _ = await pipeline.ingress(dep, channel, n, concurrency=64)
+                wall = time.monotonic() - t0
                 row(
                     f"round {i + 1}: flat out ({n:,}, 64 in flight)",
                     f"{rate:,.0f} /s",
                     f"= {rate / kafka_rate:.3f}x raw Kafka (target 0.15x, 5,000/s)",
                 )
                 row("  ack latency", summary_ms(lat))
-                print(f"    CPU: {cpu.describe(usage)}", flush=True)
+                print(f"    CPU: {cpu.describe(usage)}; {api_cost(usage, wall, len(lat))}", flush=True)
             paced = int(20_000 * scale)
             for i in range(rounds):
                 await pipeline.drained(dep)
                 usage = {}
+                t0 = time.monotonic()
                 with cpu.accounting(usage):
                     rate, lat, _ = await pipeline.ingress(dep, channel, paced, concurrency=128, rate=2000)
+                wall = time.monotonic() - t0
                 row(f"round {i + 1}: paced at 2,000/s ({paced:,})", f"{rate:,.0f} /s achieved")
                 row("  ack latency", summary_ms(lat), "(target p99 25 ms)")
-                print(f"    CPU: {cpu.describe(usage)}", flush=True)
+                print(f"    CPU: {cpu.describe(usage)}; {api_cost(usage, wall, len(lat))}", flush=True)
         finally:
             dep.stop_all()
+
+
+def api_cost(usage: dict[str, float], wall: float, accepted: int) -> str:
+    """API CPU time (all its processes) per accepted webhook: steadier than rates on a shared box."""
+    used = sum(v for k, v in usage.items() if k.startswith("api")) / 100 * wall
+    return f"API CPU {1e6 * used / max(accepted, 1):,.0f} us per webhook"
