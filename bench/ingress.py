@@ -1,7 +1,5 @@
 """Ingress alone: generic signed webhooks -> Kafka ack -> 200, with 1 and with 2 API processes
-behind one port (`PARLEY_API_PROCESSES`), each with one aiokafka send() per record and with
-records batched across requests (`PARLEY_INGRESS_LINGER`), beside the raw aiokafka baseline of the
-same run.
+behind one port (`PARLEY_API_PROCESSES`), beside the raw aiokafka baseline of the same run.
 
 No worker runs here: on this 2-core box a worker consuming what the API accepts takes as much CPU
 as the API itself, so it would measure the box, not the ingress (the inbound phase measures
@@ -27,14 +25,9 @@ async def run(services: Services, scale: float, rounds: int = 2) -> None:
     print("\n== ingress: baseline (same run) ==", flush=True)
     kafka_rate = await baselines.kafka_produce_consume(services.bootstrap, n_raw)
     row("raw aiokafka produce+consume (acks=all, 300 B)", f"{kafka_rate:,.0f} msg/s")
-    configs = ((1, "0"), (1, "0.001"), (2, "0"), (2, "0.001"))
-    for processes, linger in configs:
-        how = "one send() per record" if linger == "0" else f"batched across requests, linger {linger} s"
-        print(
-            f"\n== ingress: signed generic webhook -> Kafka ack -> 200, {processes} API process(es), {how} =="
-        )
-        env = {"PARLEY_API_PROCESSES": str(processes), "PARLEY_INGRESS_LINGER": linger}
-        dep = Deployment(services, extra_env=env)
+    for processes in (1, 2):
+        print(f"\n== ingress: signed generic webhook -> Kafka ack -> 200, {processes} API process(es) ==")
+        dep = Deployment(services, extra_env={"PARLEY_API_PROCESSES": str(processes)})
         await dep.create_database()
         dep.start("api")
         channel = GenericChannel(id="bench")

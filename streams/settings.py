@@ -64,8 +64,6 @@ class Settings(BaseSettings):
     webhook_tolerance: Duration = timedelta(minutes=5)
 
     produce_timeout: Duration = timedelta(seconds=5)
-    # Webhooks' records wait this long for others to share a Kafka batch with (0: one send each).
-    ingress_linger: Duration = Field(timedelta(milliseconds=1), le=timedelta(milliseconds=50))
     # A crashed worker's partitions move to a live one after this long.
     kafka_session_timeout: Duration = timedelta(seconds=10)
 
