@@ -7,16 +7,21 @@
 - parley_api_webhook_rejections_total{provider,reason}: provider webhooks answered 4xx/5xx, by why
   (signature, malformed, invalid, too_large, content_type, verify_token, unavailable).
 
-Each API process counts its own; Prometheus sums them.
+- parley_api_process_info{pid}: 1, labelled with this process' id.
+
+Each API process counts its own; Prometheus sums them. Under `parley api --processes N` the N
+processes share one port and a scrape reaches one of them (the pid label says which): its counters
+are that process' own, so scrape each process (or sum by pid) rather than one address.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 REGISTRY = CollectorRegistry()
@@ -45,6 +50,8 @@ REJECTIONS = Counter(
     ["provider", "reason"],
     registry=REGISTRY,
 )
+PROCESS = Gauge("parley_api_process_info", "This API process, by process id", ["pid"], registry=REGISTRY)
+PROCESS.labels(str(os.getpid())).set(1)
 
 _REASONS = {
     400: "malformed",

@@ -14,6 +14,7 @@ from bench import (
     baselines,
     batches,
     cpu,
+    ingress,
     pipeline,
     recovery,
     scaling,
@@ -144,6 +145,7 @@ async def run(services: Services, scale: float, skip_timers: bool, inbound_only:
             print(f"    CPU: {cpu.describe(usage)}", flush=True)
     finally:
         dep.stop_all()
+    await ingress.run(services, scale)
     await worker_processes(services, scale)
     if inbound_only:
         return
@@ -307,6 +309,11 @@ def main() -> None:
         help="baselines, projection, worker, ingress, end to end (no schedules, webhooks, sends, timers)",
     )
     parser.add_argument(
+        "--ingress-only",
+        action="store_true",
+        help="raw Kafka, then signed webhooks flat out and paced with 1 and 2 API processes, CPU per process",
+    )
+    parser.add_argument(
         "--noop-only", action="store_true", help="only the Faust no-op, per-event vs batch path, 3 rounds"
     )
     parser.add_argument(
@@ -319,7 +326,7 @@ def main() -> None:
         whatif.run(int(1_000_000 * args.scale))
         return
     only = [args.projection_only, args.recovery_only, args.schedules_only, args.webhooks_only]
-    if any(only) or args.sends_only or args.noop_only or args.scaling_only:
+    if any(only) or args.sends_only or args.noop_only or args.scaling_only or args.ingress_only:
         with local_services("parley-bench-") as services:
             if args.projection_only:
                 asyncio.run(projection(services))
@@ -335,6 +342,8 @@ def main() -> None:
                 asyncio.run(noop_paths(services, args.scale))
             if args.scaling_only:
                 asyncio.run(worker_processes(services, args.scale))
+            if args.ingress_only:
+                asyncio.run(ingress.run(services, args.scale))
         return
     with local_services("parley-bench-") as services:
         print(

@@ -34,6 +34,8 @@ def _snapshot() -> dict[int, tuple[str, float]]:
             continue
         for name, marker in _MARKERS.items():
             if marker in cmd or (name == "postgres" and child.name() == "postgres"):
+                if name == "api" and "--child" in cmd:  # one of `parley api --processes N`'s
+                    name = "api-" + cmd.split("--child", 1)[1].split()[0]
                 found[child.pid] = (name, used)
                 break
     return found

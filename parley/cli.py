@@ -58,8 +58,9 @@ def cmd_migrate(settings: Settings) -> int:
     return 0
 
 
-def cmd_api(settings: Settings) -> int:
-    """Serve webhooks, the admin API and the operator console."""
+def cmd_api(settings: Settings, processes: int | None = None, child: int | None = None) -> int:
+    """Serve webhooks, the admin API and the operator console: in this process, or (N > 1) in N
+    child processes on one port (SO_REUSEPORT) under this one, which supervises them."""
     import uvloop
     from aiohttp import web
 
@@ -70,11 +71,85 @@ def cmd_api(settings: Settings) -> int:
         return 2
     if not _sealer(settings):
         return 2
+    n = processes if processes is not None else settings.api_processes
+    if child is None and n > 1:
+        return _api_parent(settings, n)
     uvloop.install()
     web.run_app(
-        create_app(settings), host=settings.http_host, port=settings.http_port, print=None, access_log=None
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        print=None,
+        access_log=None,
+        # A child of `parley api --processes N`: the kernel spreads connections over the N
+        # listening sockets (by hash of the connection's addresses; a connection stays with one).
+        reuse_port=child is not None,
     )
     return 0
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Nobody listens on host:port (bound without SO_REUSEPORT, so any listener is found: the
+    children's SO_REUSEPORT would otherwise share the port with a stray `parley api` of the same
+    user instead of failing)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", host, port, exc)
+            return False
+    return True
+
+
+def _api_parent(settings: Settings, n: int) -> int:
+    """`parley api --processes N`: start N API children on one port, forward SIGTERM/SIGINT/SIGHUP
+    (one SIGTERM each), and if a child exits on its own stop the others and exit 1, like `parley
+    run`: the orchestrator restarts the whole, rather than the port serving on fewer processes
+    than asked for without anyone noticing. Each child has its own Kafka producer, Postgres pool,
+    channel cache (NOTIFY) and /metrics."""
+    from parley.localstack import die_with_parent
+
+    if not _port_free(settings.http_host, settings.http_port):
+        return 2
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    outcome: dict[str, str] = {}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise _Stop(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
+    code = 1
+    try:
+        for i in range(n):
+            # Own session: a terminal's Ctrl-C reaches this parent alone, which passes it on once.
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "parley.cli", "api", "--child", str(i)],
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+            children.append((f"api-{i}", proc))
+        log.info(
+            "api: %d processes on %s:%d (pids %s)",
+            n,
+            settings.http_host,
+            settings.http_port,
+            ", ".join(str(p.pid) for _, p in children),
+        )
+        outcome["failure"] = _supervise(children, "the other API processes")
+    except _Stop as stop:
+        outcome["stopped_by"] = stop.name
+        code = 0
+    finally:
+        # A child our SIGTERM reached before it set its handlers (still importing) died of it, 0
+        # otherwise: it had served nothing yet, so that is a clean stop too.
+        stopped = {name: {0, -signal.SIGTERM} for name, _ in children}
+        clean = _stop_stack([], children, outcome, title="parley api", announce=False, clean_exit=stopped)
+    return code if clean else 1
 
 
 def cmd_worker(settings: Settings) -> int:
@@ -362,25 +437,34 @@ def _run_stack(
             "Ctrl-C stops everything.",
             flush=True,
         )
-        while all(c.poll() is None for _, c in children):
-            time.sleep(0.5)  # supervising children: wake up to notice one died
-        dead = ", ".join(f"{name} (exit {c.returncode})" for name, c in children if c.poll() is not None)
-        log.error("%s exited on its own; stopping the stack", dead)
-        outcome["failure"] = dead
+        outcome["failure"] = _supervise(children, "the stack")
         return 1
     except _Stop as stop:
         outcome["stopped_by"] = stop.name
-        print(f"\n{stop.name}: stopping ...", flush=True)
         return 0
+
+
+def _supervise(children: list[tuple[str, subprocess.Popen[bytes]]], rest: str) -> str:
+    """Until a child exits on its own (a stop signal raises _Stop meanwhile); log and name it."""
+    while all(c.poll() is None for _, c in children):
+        time.sleep(0.5)  # supervising children: wake up to notice one died
+    dead = ", ".join(f"{name} (exit {c.returncode})" for name, c in children if c.poll() is not None)
+    log.error("%s exited on its own; stopping %s", dead, rest)
+    return dead
 
 
 def _stop_stack(
     services: list[tuple[str, KafkaBroker | LocalPostgres]],
     children: list[tuple[str, subprocess.Popen[bytes]]],
     outcome: dict[str, str],
+    title: str = "Parley",
+    announce: bool = True,
+    clean_exit: dict[str, set[int]] | None = None,
 ) -> bool:
     """Stop the children, then Kafka and Postgres; print one summary line; True if all stopped cleanly."""
     started = time.monotonic()
+    if announce and "stopped_by" in outcome:
+        print(f"\n{outcome['stopped_by']}: stopping ...", flush=True)
     # A second Ctrl-C while stopping must not cut the children's clean-up short.
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: print("still stopping ...", flush=True))
@@ -389,11 +473,12 @@ def _stop_stack(
         service.stop()
         if service.proc is not None:
             codes.append((name, service.proc.returncode))
-    ok = {name: code in CLEAN_EXIT.get(name, {0}) for name, code in codes}
+    clean = {**CLEAN_EXIT, **(clean_exit or {})}
+    ok = {name: code in clean.get(name, {0}) for name, code in codes}
     parts = ", ".join(f"{name} ok" if ok[name] else f"{name} exited with {code}" for name, code in codes)
     how = f"on {outcome['stopped_by']}" if "stopped_by" in outcome else "after a failure"
     elapsed = time.monotonic() - started
-    print(f"Parley stopped {how} in {elapsed:.1f} s: {parts or 'nothing was running'}.", flush=True)
+    print(f"{title} stopped {how} in {elapsed:.1f} s: {parts or 'nothing was running'}.", flush=True)
     return all(ok.values())
 
 
@@ -516,7 +601,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="start Kafka, Postgres, worker and API locally")
     sub.add_parser("sandbox", help="`run` plus a provider simulator and a sandbox channel to send through")
     sub.add_parser("worker", help="run the Faust worker")
-    sub.add_parser("api", help="serve webhooks, admin API and operator console")
+    api = sub.add_parser("api", help="serve webhooks, admin API and operator console")
+    api.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N processes on one port (SO_REUSEPORT) under a supervising parent;"
+        " default: PARLEY_API_PROCESSES (1)",
+    )
+    api.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)  # set by that parent
     sub.add_parser("migrate", help="apply SQL migrations and create topics")
     sub.add_parser(
         "rotate-secrets",
@@ -565,6 +659,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_replay(settings, args.since, args.conversation, args.dry_run)
     if args.command == "whatif":
         return cmd_whatif(settings, args)
+    if args.command == "api":
+        if args.processes is not None and args.processes < 1:
+            parser.error("--processes must be at least 1")
+        return cmd_api(settings, args.processes, args.child)
     return COMMANDS[args.command](settings)
 
 

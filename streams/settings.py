@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     sandbox_port: int = 8090  # `parley sandbox`: the provider simulator
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    # `parley api`: this many aiohttp processes serve one port (SO_REUSEPORT) under one parent.
+    api_processes: int = Field(1, ge=1, le=64)
     admin_token: str = Field("", repr=False)
     # Comma-separated Fernet keys sealing channel secrets at rest: the first encrypts, all decrypt.
     secrets_key: str = Field("", repr=False)
