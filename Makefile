@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 KAFKA_STAMP := deploy/kafka/libs/.fetched-stamp
 
-.PHONY: run sandbox status test lint unit bench bench-quick clean setup kafka browser
+.PHONY: run sandbox status test lint unit bench bench-quick bench-tools clean setup kafka browser
 
 setup: $(STAMP) $(KAFKA_STAMP)
 
@@ -54,11 +54,15 @@ $(CHROMIUM):
 test: setup lint $(CHROMIUM)
 	$(BIN)/pytest
 
-bench: setup
+# wrk (Debian's package): the flat-out ingress load generator in C (bench/wrk.py).
+bench-tools:
+	@command -v wrk >/dev/null || apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk)
+
+bench: setup bench-tools
 	$(BIN)/python -m bench
 
 # The same table at a tenth of the counts (a few minutes): to compare two commits, not to quote.
-bench-quick: setup
+bench-quick: setup bench-tools
 	$(BIN)/python -m bench --scale 0.1
 
 clean:

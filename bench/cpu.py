@@ -19,6 +19,7 @@ _MARKERS = {
     "raw http client": "bench.webhook_receiver post",
     "simulator": "sandbox.simulator",
     "raw graph client": "bench.sends post",
+    "wrk": "wrk -t",
 }
 
 

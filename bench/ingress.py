@@ -14,7 +14,7 @@ import time
 
 import aiohttp
 
-from bench import baselines, cpu, pipeline
+from bench import baselines, cpu, pipeline, wrk
 from bench.stats import row, summary_ms
 from tests.integration.harness import Deployment, GenericChannel, Services
 
@@ -50,6 +50,8 @@ async def run(services: Services, scale: float, rounds: int = 2) -> None:
                 )
                 row("  ack latency", summary_ms(lat))
                 print(f"    CPU: {cpu.describe(usage)}; {api_cost(usage, wall, len(lat))}", flush=True)
+            if wrk.available():  # the same, from a load generator in C (bench/wrk.py)
+                await _from_wrk(dep, channel, kafka_rate, scale, rounds)
             paced = int(20_000 * scale)
             for i in range(rounds):
                 usage = {}
@@ -62,6 +64,26 @@ async def run(services: Services, scale: float, rounds: int = 2) -> None:
                 print(f"    CPU: {cpu.describe(usage)}; {api_cost(usage, wall, len(lat))}", flush=True)
         finally:
             dep.stop_all()
+
+
+async def _from_wrk(
+    dep: Deployment, channel: GenericChannel, kafka_rate: float, scale: float, rounds: int
+) -> None:
+    path, _, requests = pipeline.generic_requests(channel, 20_000)
+    seconds = float(max(3, round(10 * scale)))
+    for i in range(rounds):
+        usage: dict[str, float] = {}
+        with cpu.accounting(usage):
+            got = await wrk.flat_out(dep.base_url, path, requests, seconds=seconds)
+        row(
+            f"round {i + 1}: flat out from wrk ({seconds:.0f} s, 64 connections)",
+            f"{got.rate:,.0f} /s",
+            f"= {got.rate / kafka_rate:.3f}x raw Kafka (target 0.15x, 5,000/s); {got.errors} errors",
+        )
+        row("  ack latency", f"p50 {got.p50_ms:.1f} ms, p99 {got.p99_ms:.1f} ms, max {got.max_ms:.1f} ms")
+        print(
+            f"    CPU: {cpu.describe(usage)}; {api_cost(usage, seconds, int(got.rate * seconds))}", flush=True
+        )
 
 
 def api_cost(usage: dict[str, float], wall: float, accepted: int) -> str:
