@@ -28,9 +28,8 @@ class PauseIn(BaseModel):
 PAUSE_IN = TypeAdapter(PauseIn)
 
 
-async def _answer(request: web.Request) -> web.Response:
-    async with request.app[CONTEXT].store.pool.acquire() as conn:
-        paused = await pause_db.paused(conn)
+async def _answer(conn: Conn) -> web.Response:
+    paused = await pause_db.paused(conn)
     return web.json_response({"paused": {part: at.isoformat() for part, at in paused.items()}})
 
 
@@ -42,7 +41,7 @@ async def _switch(
         return body
     async with request.app[CONTEXT].store.pool.acquire() as conn:
         await change(conn, pause_db.parts_of(body.what), body.reason)
-    return await _answer(request)
+        return await _answer(conn)
 
 
 @routes.post("/v1/admin/pause")
@@ -60,4 +59,5 @@ async def resume(request: web.Request) -> web.Response:
 @routes.get("/v1/admin/paused")
 async def paused(request: web.Request) -> web.Response:
     """What is paused, and since when."""
-    return await _answer(request)
+    async with request.app[CONTEXT].store.pool.acquire() as conn:
+        return await _answer(conn)
