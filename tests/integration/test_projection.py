@@ -101,6 +101,26 @@ async def test_the_batched_update_is_linear_in_the_batch(pool: asyncpg.Pool) -> 
     assert plan["Actual Rows"] == 1000  # and every row was updated
 
 
+async def test_a_message_updates_its_conversation_in_place(pool: asyncpg.Pool) -> None:
+    # The busiest write of all: each user message moves its conversation's deadline. No index
+    # may cover the columns it changes, so the new row version stays on its page (a HOT update)
+    # instead of adding an entry to each of the table's indexes (migration 0017).
+    contacts = [f"hot{i}" for i in range(50)]
+    async with pool.acquire() as conn:
+        await apply_batch(conn, [inbound(c, 1, T0) for c in contacts], POLICY, 8)  # opens them
+        async with conn.transaction():  # pg_stat_xact_*: this transaction's own counts
+            for n in (2, 3):
+                await apply_batch(
+                    conn, [inbound(c, n, T0 + timedelta(minutes=n)) for c in contacts], POLICY, 8
+                )
+            updated, hot = await conn.fetchrow(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
+                " WHERE relname = 'conversations'"
+            )
+    assert updated == 100
+    assert hot >= 90, f"only {hot} of {updated} conversation updates were HOT: is a changing column indexed?"
+
+
 async def test_the_service_window_never_moves_backwards(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
         await apply_batch(conn, [inbound("w", 1, T0 + timedelta(minutes=5))], POLICY, 8)
