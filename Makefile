@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 KAFKA_STAMP := deploy/kafka/libs/.fetched-stamp
 
-.PHONY: run sandbox status test lint unit bench clean setup kafka browser
+.PHONY: run sandbox status test lint unit bench bench-peers clean setup kafka browser redis
 
 setup: $(STAMP) $(KAFKA_STAMP)
 
@@ -54,8 +54,21 @@ $(CHROMIUM):
 test: setup lint $(CHROMIUM)
 	$(BIN)/pytest
 
-bench: setup
+# The seeds' design runs beside Parley in `make bench` (bench/peers.py): BullMQ on Debian's
+# redis-server, installed once as root like Chromium above; bench/peers/node_modules by `npm ci`.
+REDIS := /usr/bin/redis-server
+redis: $(REDIS)
+
+$(REDIS):
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)
+
+bench: setup $(REDIS)
 	$(BIN)/python -m bench
+
+# Only the seeds' design (BullMQ 6.7 + Redis + Postgres), its figures beside the reference ones.
+bench-peers: setup $(REDIS)
+	$(BIN)/python -m bench --peers-only
 
 clean:
 	rm -rf .parley

@@ -16,7 +16,6 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.stats import row
-from parley.localstack import LocalPostgres, StackError, free_port, stop, wait_port
+from parley.localstack import LocalPostgres, StackError, die_with_parent, free_port, stop, wait_port
 
 PEERS = Path(__file__).resolve().parent / "peers"
 
@@ -56,7 +55,8 @@ class PeerFigures:
     fired_twice: int = 0
     closes: int = 0
     close_jobs_missing: int = 0
-    recovered_s: float = 0.0
+    recovered_s: float = 0.0  # kill -9 of the receive worker to its queue drained
+    closes_lost: int = 0  # kill -9 of the close worker: conversations never closed
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,7 +95,9 @@ class LocalRedis:
         )
         with (self.dir / "redis.out").open("ab") as out:
             self.proc = subprocess.Popen(
-                [server, "-"], stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                [server, "-"], stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         assert self.proc.stdin is not None
         self.proc.stdin.write(config.encode() + b"\n")
@@ -168,25 +170,25 @@ def run(postgres_url: str | None, scale: float) -> PeerFigures:
         try:
             inbound = node("inbound", env, log, events=n_events, threads=2000, rates="200,1000", scale=scale)
             row(
-                f"inbound: backlog drained into Postgres ({n_events:,} events, 2,000 threads)",
+                f"inbound backlog into Postgres ({n_events:,} events, 2,000 threads)",
                 f"{inbound['msg_per_s']:,.0f} msg/s",
                 f"(receive worker concurrency {inbound['concurrency']}; "
                 f"{inbound['failed_attempts']:,} jobs retried, {inbound['failed_jobs']} failed)",
             )
             for rate, lat in inbound["latency"].items():
                 row(
-                    f"  queue.add-to-row latency at {int(rate):,}/s offered ({lat['events']:,})",
+                    f"  queue.add-to-row at {int(rate):,}/s offered ({lat['events']:,})",
                     f"p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms",
                     f"max {lat['max']:.1f} ms",
                 )
             sched = node("schedule", env, log, jobs=n_timers, reschedules=max(1000, int(20_000 * scale)))
             row(
-                f"schedule: delayed jobs added flat out ({n_timers:,}, addBulk by 1,000)",
+                f"delayed jobs added flat out ({n_timers:,}, addBulk by 1,000)",
                 f"{sched['adds_per_s']:,.0f} /s",
                 f"(reference {REFERENCE['adds']})",
             )
             row(
-                f"  rescheduled, getJob + remove + add ({sched['reschedules']:,}, 64 in flight)",
+                f"  rescheduled: getJob+remove+add ({sched['reschedules']:,}, 64 at once)",
                 f"{sched['reschedules_per_s']:,.0f} /s",
                 f"(reference {REFERENCE['reschedules']})",
             )
@@ -198,7 +200,7 @@ def run(postgres_url: str | None, scale: float) -> PeerFigures:
             fire = node("firing", env, log, timers=n_timers)
             late = fire["lateness_ms"]
             row(
-                f"{n_timers:,} close jobs due within one minute: fired / closed",
+                f"{n_timers:,} close jobs due within a minute: fired / closed",
                 f"{fire['fired']:,} / {fire['closed_rows']:,}",
                 f"(all added before the first was due: {fire['created_before_due']})",
             )
@@ -215,14 +217,25 @@ def run(postgres_url: str | None, scale: float) -> PeerFigures:
             row("  early / fired twice", f"{fire['early']} / {fire['doubles']}")
             crash = node("crash", env, log, events=n_crash, threads=2000, kill_at=0.4)
             row(
-                f"kill -9 of the receive worker at 40% ({n_crash:,} events), restarted",
+                f"kill -9 of the receive worker at 40% ({n_crash:,} events)",
                 f"lost {crash['lost']}, doubled {crash['doubled']}",
-                f"({crash['rows_at_kill']:,} rows at the kill; all done {crash['recovered_s']:.1f} s after it)",
+                f"({crash['rows_at_kill']:,} rows at the kill; drained {crash['recovered_s']:.1f} s after)",
             )
             row(
                 "  conversations left without a pending close job",
                 f"{crash['close_jobs_missing']} of {crash['conversations']:,}",
                 f"({crash['failed_jobs']} receive jobs failed for good)",
+            )
+            kill = node("firing", env, log, timers=n_crash, spread_ms=20_000, kill_at=0.4)
+            kl = kill["close_lateness_ms"]
+            row(
+                f"kill -9 of the close worker at 40% ({n_crash:,} due within 20 s)",
+                f"closes lost {kill['lost']}",
+                f"({kill['closed_at_kill']:,} closed at the kill; all {kill['recovered_s']:.1f} s after)",
+            )
+            row(
+                "  due-to-closed-row, kill included",
+                f"p50 {kl['p50']:.0f} ms, p99 {kl['p99']:,.0f} ms, max {kl['max']:,.0f} ms",
             )
         finally:
             node("drop", env, log)
@@ -244,5 +257,6 @@ def run(postgres_url: str | None, scale: float) -> PeerFigures:
         closes=fire["closed_rows"],
         close_jobs_missing=crash["close_jobs_missing"],
         recovered_s=crash["recovered_s"],
-        raw={"inbound": inbound, "schedule": sched, "firing": fire, "crash": crash, "at": time.time()},
+        closes_lost=kill["lost"],
+        raw={"inbound": inbound, "schedule": sched, "firing": fire, "crash": crash, "close_crash": kill},
     )

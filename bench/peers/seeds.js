@@ -248,6 +248,7 @@ function startWorker(role, env = {}) {
     env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
+  process.on('exit', () => child.kill('SIGKILL')); // no worker outlives the phase that started it
   let out = '';
   const ready = new Promise((resolve, reject) => {
     child.stdout.on('data', (chunk) => {
@@ -452,11 +453,14 @@ async function usedMemory(connection) {
 
 // ---------------------------------------------------------------------------------------------
 // Phase 3: N close jobs due within one minute, fired by the close worker (concurrency 50).
+// With --kill_at f: the close worker is killed (-9) once f of them are closed, and restarted;
+// closes lost (conversation still open) and the lateness of every close are read from Postgres.
 
 async function firing() {
   const a = args();
   const n = Number(a.timers || 100_000);
   const spreadMs = Number(a.spread_ms || 60_000);
+  const killAt = a.kill_at ? Number(a.kill_at) : null;
   await reset();
   const connection = redis();
   const queue = closeQueue(connection);
@@ -475,7 +479,7 @@ async function firing() {
        FROM unnest($1::text[], $2::float8[]) AS t(id, due)`,
       [ids, dues],
     );
-    const worker = startWorker('close-worker', { PEERS_EXPECT: String(n) });
+    let worker = startWorker('close-worker', { PEERS_EXPECT: killAt ? '0' : String(n) });
     await worker.ready;
     const tAdd = Date.now();
     for (let i = 0; i < n; i += 1000) {
@@ -488,11 +492,32 @@ async function firing() {
     }
     out.added_s = (Date.now() - tAdd) / 1000;
     out.created_before_due = Date.now() < t0 + leadMs;
-    const timeout = setTimeout(() => worker.child.kill('SIGTERM'), leadMs + spreadMs + 120_000);
-    Object.assign(out, await worker.result());
-    clearTimeout(timeout);
-    const r = await db.query(`SELECT count(*)::int AS n FROM conversations WHERE state = 'closed'`);
-    out.closed_rows = r.rows[0].n;
+    const closedRows = async () => (await db.query(`SELECT count(*)::int AS n FROM conversations WHERE state = 'closed'`)).rows[0].n;
+    if (killAt === null) {
+      const timeout = setTimeout(() => worker.child.kill('SIGTERM'), leadMs + spreadMs + 120_000);
+      Object.assign(out, await worker.result());
+      clearTimeout(timeout);
+    } else {
+      while ((await closedRows()) < n * killAt) await sleep(20);
+      worker.child.kill('SIGKILL');
+      await worker.exited;
+      const killedAt = Date.now();
+      out.closed_at_kill = await closedRows();
+      worker = startWorker('close-worker', { PEERS_EXPECT: '0' });
+      await worker.ready;
+      const deadline = t0 + leadMs + spreadMs + 150_000;
+      while ((await closedRows()) < n && Date.now() < deadline) await sleep(100);
+      out.recovered_s = (Date.now() - killedAt) / 1000;
+      await sleep(2_000); // anything still to run a second time
+      worker.child.kill('SIGTERM');
+      const second = await worker.result();
+      out.restarted_worker_fired = second.fired;
+      const rows = await db.query(`SELECT id, extract(epoch FROM closed_at) * 1000 AS at FROM conversations WHERE state = 'closed'`);
+      const due = new Map(ids.map((id, i) => [id, dues[i]]));
+      out.close_lateness_ms = summary(rows.rows.map((r) => Number(r.at) - due.get(r.id)));
+      out.lost = n - rows.rows.length;
+    }
+    out.closed_rows = await closedRows();
   } finally {
     await db.end();
     await queue.close();
