@@ -95,7 +95,10 @@ class LocalRedis:
         )
         with (self.dir / "redis.out").open("ab") as out:
             self.proc = subprocess.Popen(
-                [server, "-"], stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                [server, "-"],
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
@@ -165,7 +168,8 @@ def run(postgres_url: str | None, scale: float) -> PeerFigures:
     with peer_services(postgres_url) as (redis_url, pg_url, root):
         env = {**os.environ, "PEERS_REDIS_URL": redis_url, "PEERS_PG_URL": pg_url}
         log = root / "seeds.log"
-        print(f"  (logs: {log})", flush=True)
+        load = os.getloadavg()
+        print(f"  (logs: {log}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})", flush=True)
         node("setup", env, log)
         try:
             inbound = node("inbound", env, log, events=n_events, threads=2000, rates="200,1000", scale=scale)
@@ -214,7 +218,11 @@ def run(postgres_url: str | None, scale: float) -> PeerFigures:
                 "  due-to-closed-row",
                 f"p50 {f2r['p50']:.0f} ms, p99 {f2r['p99']:.0f} ms, max {f2r['max']:.0f} ms",
             )
-            row("  early / fired twice", f"{fire['early']} / {fire['doubles']}")
+            row(
+                "  early / fired twice / fired but not closed",
+                f"{fire['early']} / {fire['doubles']} / {fire['refused']}",
+                f"(close jobs of conversations left open: {fire.get('open_jobs', {})})",
+            )
             crash = node("crash", env, log, events=n_crash, threads=2000, kill_at=0.4)
             row(
                 f"kill -9 of the receive worker at 40% ({n_crash:,} events)",
@@ -228,17 +236,24 @@ def run(postgres_url: str | None, scale: float) -> PeerFigures:
             )
             kill = node("firing", env, log, timers=n_crash, spread_ms=20_000, kill_at=0.4)
             kl = kill["close_lateness_ms"]
+            lost_where = kill.get("lost_jobs", {})
             row(
                 f"kill -9 of the close worker at 40% ({n_crash:,} due within 20 s)",
-                f"closes lost {kill['lost']}",
+                f"closes lost {kill['lost']}, run twice {kill['refired']}",
                 f"({kill['closed_at_kill']:,} closed at the kill; all {kill['recovered_s']:.1f} s after)",
             )
+            if kill["lost"]:
+                row("  where the lost closes' jobs are", f"{lost_where}")
             row(
                 "  due-to-closed-row, kill included",
                 f"p50 {kl['p50']:.0f} ms, p99 {kl['p99']:,.0f} ms, max {kl['max']:,.0f} ms",
             )
         finally:
             node("drop", env, log)
+        load_end = os.getloadavg()
+        print(
+            f"  (load average at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f})", flush=True
+        )
     top = max(inbound["latency"], key=int)
     return PeerFigures(
         inbound_msg_per_s=inbound["msg_per_s"],
@@ -258,5 +273,12 @@ def run(postgres_url: str | None, scale: float) -> PeerFigures:
         close_jobs_missing=crash["close_jobs_missing"],
         recovered_s=crash["recovered_s"],
         closes_lost=kill["lost"],
-        raw={"inbound": inbound, "schedule": sched, "firing": fire, "crash": crash, "close_crash": kill},
+        raw={
+            "inbound": inbound,
+            "schedule": sched,
+            "firing": fire,
+            "crash": crash,
+            "close_crash": kill,
+            "load": [load, load_end],
+        },
     )

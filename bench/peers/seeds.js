@@ -200,6 +200,7 @@ async function closeWorker() {
   const runs = new Map();
   let early = 0;
   let closed = 0;
+  let refused = 0; // fired, but the conditional UPDATE changed nothing
 
   async function processClose(job) {
     const due = job.timestamp + job.opts.delay;
@@ -214,6 +215,7 @@ async function closeWorker() {
       [job.data.conversationId],
     );
     closed += res.rowCount;
+    if (res.rowCount === 0) refused += 1;
     fireToRow.push(Date.now() - due);
   }
 
@@ -228,7 +230,7 @@ async function closeWorker() {
     let doubles = 0;
     for (const count of runs.values()) if (count > 1) doubles += count - 1;
     console.log(JSON.stringify({
-      fired: runs.size, closed, early, doubles,
+      fired: runs.size, closed, refused, early, doubles,
       lateness_ms: summary(lateness), fire_to_row_ms: summary(fireToRow),
     }));
     await db.end();
@@ -446,6 +448,18 @@ async function schedule() {
   return out;
 }
 
+// Where the close jobs of conversations still open are: { state: count } ('missing': no job).
+async function jobStates(queue, db) {
+  const open = await db.query(`SELECT close_job_id FROM conversations WHERE state <> 'closed'`);
+  const states = {};
+  for (const row of open.rows) {
+    const job = await queue.getJob(row.close_job_id);
+    const state = job ? await job.getState() : 'missing';
+    states[state] = (states[state] || 0) + 1;
+  }
+  return states;
+}
+
 async function usedMemory(connection) {
   const info = await connection.info('memory');
   return Number(/used_memory:(\d+)/.exec(info)[1]);
@@ -486,7 +500,10 @@ async function firing() {
       const jobs = [];
       const now = Date.now();
       for (let j = i; j < Math.min(n, i + 1000); j++) {
-        jobs.push({ name: 'close-conversation', data: { conversationId: ids[j] }, opts: { jobId: `close-${ids[j]}`, delay: Math.max(0, Math.round(dues[j] - now)) } });
+        // Rounded up: BullMQ's due (timestamp + delay, whole ms) is never before the row's close_at,
+        // or the conditional UPDATE would refuse a close fired on time.
+        const delay = Math.max(0, Math.ceil(dues[j] - now));
+        jobs.push({ name: 'close-conversation', data: { conversationId: ids[j] }, opts: { jobId: `close-${ids[j]}`, delay } });
       }
       await queue.addBulk(jobs);
     }
@@ -512,12 +529,15 @@ async function firing() {
       worker.child.kill('SIGTERM');
       const second = await worker.result();
       out.restarted_worker_fired = second.fired;
+      out.refired = second.refused; // ran again after the kill, the row already closed: a no-op
       const rows = await db.query(`SELECT id, extract(epoch FROM closed_at) * 1000 AS at FROM conversations WHERE state = 'closed'`);
       const due = new Map(ids.map((id, i) => [id, dues[i]]));
       out.close_lateness_ms = summary(rows.rows.map((r) => Number(r.at) - due.get(r.id)));
       out.lost = n - rows.rows.length;
+      out.lost_jobs = await jobStates(queue, db);
     }
     out.closed_rows = await closedRows();
+    if (out.closed_rows < n) out.open_jobs = await jobStates(queue, db);
   } finally {
     await db.end();
     await queue.close();
