@@ -177,7 +177,7 @@ def run(postgres_url: str | None, scale: float) -> PeerFigures:
                 f"inbound backlog into Postgres ({n_events:,} events, 2,000 threads)",
                 f"{inbound['msg_per_s']:,.0f} msg/s",
                 f"(receive worker concurrency {inbound['concurrency']}; "
-                f"{inbound['failed_attempts']:,} jobs retried, {inbound['failed_jobs']} failed)",
+                f"{inbound['failed_attempts']:,} failed attempts, {inbound['failed_jobs']} jobs failed)",
             )
             for rate, lat in inbound["latency"].items():
                 row(
