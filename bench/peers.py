@@ -59,6 +59,21 @@ class PeerFigures:
     closes_lost: int = 0  # kill -9 of the close worker: conversations never closed
     raw: dict[str, Any] = field(default_factory=dict)
 
+    def column(self) -> dict[str, str]:
+        """The figures of the side-by-side table, printed, in its order (Parley's go beside)."""
+        return {
+            "inbound msg/s": f"{self.inbound_msg_per_s:,.0f}",
+            "webhook-to-row p99 (queue.add-to-row, 1,000/s offered)": f"{self.add_to_row_p99_ms:,.1f} ms",
+            "timer updates/s (reschedules: getJob + remove + add)": f"{self.reschedules_per_s:,.0f}",
+            "timers added/s (addBulk)": f"{self.adds_per_s:,.0f}",
+            "firing lateness p50 / p99 / max": (
+                f"{self.fire_p50_ms:.0f} / {self.fire_p99_ms:.0f} / {self.fire_max_ms:.0f} ms"
+            ),
+            "memory per pending close (Redis used_memory)": f"{self.bytes_per_delayed_job:,.0f} B",
+            "kill -9 of the worker: events lost / doubled": f"{self.lost} / {self.doubled}",
+            "kill -9 of the close worker: closes lost": f"{self.closes_lost}",
+        }
+
 
 class LocalRedis:
     """Debian's redis-server on loopback: own dir, own port, a password, no persistence."""
@@ -255,7 +270,7 @@ def run(postgres_url: str | None, scale: float) -> PeerFigures:
             f"  (load average at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f})", flush=True
         )
     top = max(inbound["latency"], key=int)
-    return PeerFigures(
+    figures = PeerFigures(
         inbound_msg_per_s=inbound["msg_per_s"],
         add_to_row_p50_ms=inbound["latency"][top]["p50"],
         add_to_row_p99_ms=inbound["latency"][top]["p99"],
@@ -282,3 +297,7 @@ def run(postgres_url: str | None, scale: float) -> PeerFigures:
             "load": [load, load_end],
         },
     )
+    print("\n  the seeds' design, for the side-by-side table:", flush=True)
+    for name, value in figures.column().items():
+        row(f"  {name}", value)
+    return figures
