@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 KAFKA_STAMP := deploy/kafka/libs/.fetched-stamp
 
-.PHONY: run sandbox status test lint unit bench bench-quick bench-tools clean setup kafka browser
+.PHONY: run sandbox status test lint unit bench bench-quick bench-peers bench-tools clean setup kafka browser redis
 
 setup: $(STAMP) $(KAFKA_STAMP)
 
@@ -54,8 +54,17 @@ $(CHROMIUM):
 test: setup lint $(CHROMIUM)
 	$(BIN)/pytest
 
+# The seeds' design runs beside Parley in `make bench` (bench/peers.py): BullMQ on Debian's
+# redis-server, installed once as root like Chromium above; bench/peers/node_modules by `npm ci`.
+REDIS := /usr/bin/redis-server
+redis: $(REDIS)
+
+$(REDIS):
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)
+
 # wrk (Debian's package): the flat-out ingress load generator in C (bench/wrk.py).
-bench-tools:
+bench-tools: $(REDIS)
 	@command -v wrk >/dev/null || apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk)
 
 bench: setup bench-tools
@@ -64,6 +73,10 @@ bench: setup bench-tools
 # The same table at a tenth of the counts (a few minutes): to compare two commits, not to quote.
 bench-quick: setup bench-tools
 	$(BIN)/python -m bench --scale 0.1
+
+# Only the seeds' design (BullMQ 6.7 + Redis + Postgres), its figures beside the reference ones.
+bench-peers: setup $(REDIS)
+	$(BIN)/python -m bench --peers-only
 
 clean:
 	rm -rf .parley

@@ -15,6 +15,7 @@ from bench import (
     batches,
     cpu,
     ingress,
+    peers,
     pipeline,
     recovery,
     scaling,
@@ -321,7 +322,16 @@ def main() -> None:
         action="store_true",
         help="only the what-if simulation (pure, no services): events/s on a 1M-event synthetic log",
     )
+    parser.add_argument(
+        "--peers-only",
+        action="store_true",
+        help="only the seeds' design (BullMQ + Redis, Node) on its own Redis and Postgres",
+    )
+    parser.add_argument("--skip-peers", action="store_true", help="leave out the seeds' design (BullMQ)")
     args = parser.parse_args()
+    if args.peers_only:
+        peers.run(os.environ.get("DATABASE_URL") or None, args.scale)
+        return
     if args.whatif_only:
         whatif.run(int(1_000_000 * args.scale))
         return
@@ -352,6 +362,8 @@ def main() -> None:
             flush=True,
         )
         asyncio.run(run(services, args.scale, args.skip_timers, args.inbound_only))
+        if not (args.inbound_only or args.skip_peers):
+            peers.run(services.postgres_url, args.scale)
     if not (args.skip_timers or args.inbound_only):
         print("\n== timer wheel (pure, in-process) ==", flush=True)
         from bench import bench_timer_wheel
