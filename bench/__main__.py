@@ -50,6 +50,25 @@ async def worker_processes(services: Services, scale: float) -> None:
         print(f"    CPU: {cpu.describe(usage)}", flush=True)
 
 
+async def crash_phase(services: Services, scale: float) -> None:
+    """The worker killed (-9) at 40% of a backlog, restarted: lost and doubled events."""
+    dep = Deployment(services)
+    await dep.create_database()
+    dep.start("worker")
+    dep.start("api")
+    channel = GenericChannel(id="bench")
+    try:
+        async with aiohttp.ClientSession() as http:
+            await dep.wait_ready(http)
+            await pipeline.register(http, dep, channel)
+        print("\n== kill -9 of the worker at 40% of a backlog (the peer's crash phase) ==", flush=True)
+        for _ in range(2):
+            crash = await scaling.kill_9(dep, channel.id, int(20_000 * max(scale, 0.25)))
+            scaling.print_crash(crash)
+    finally:
+        dep.stop_all()
+
+
 async def run(services: Services, scale: float, skip_timers: bool, inbound_only: bool = False) -> None:
     """Every figure, printed as it is measured (`inbound_only`: up to the end-to-end phase)."""
     n_raw = int(200_000 * scale)
@@ -107,6 +126,9 @@ async def run(services: Services, scale: float, skip_timers: bool, inbound_only:
             dep, channel.id, int(200_000 * scale), live_rate=min(1000.0, rate / 4)
         )
         scaling.print_catch_up(caught, rate)
+
+        print("\n== kill -9 of the worker at 40% of a backlog (the peer's crash phase) ==", flush=True)
+        scaling.print_crash(await scaling.kill_9(dep, channel.id, int(20_000 * max(scale, 0.25))))
 
         print("\n== API: signed webhook -> Kafka ack -> 200 ==", flush=True)
         n_http = int(30_000 * scale)
@@ -304,6 +326,7 @@ def main() -> None:
     parser.add_argument(
         "--scaling-only", action="store_true", help="only the 1, 2 and 4 worker processes phase"
     )
+    parser.add_argument("--crash-only", action="store_true", help="only the worker's kill -9 phase")
     parser.add_argument(
         "--inbound-only",
         action="store_true",
@@ -336,7 +359,8 @@ def main() -> None:
         whatif.run(int(1_000_000 * args.scale))
         return
     only = [args.projection_only, args.recovery_only, args.schedules_only, args.webhooks_only]
-    if any(only) or args.sends_only or args.noop_only or args.scaling_only or args.ingress_only:
+    more = [args.sends_only, args.noop_only, args.scaling_only, args.ingress_only, args.crash_only]
+    if any(only) or any(more):
         with local_services("parley-bench-") as services:
             if args.projection_only:
                 asyncio.run(projection(services))
@@ -354,6 +378,8 @@ def main() -> None:
                 asyncio.run(worker_processes(services, args.scale))
             if args.ingress_only:
                 asyncio.run(ingress.run(services, args.scale))
+            if args.crash_only:
+                asyncio.run(crash_phase(services, args.scale))
         return
     with local_services("parley-bench-") as services:
         print(

@@ -165,3 +165,65 @@ def print_catch_up(result: CatchUp, alone: float) -> None:
     )
     marks = [s for i, s in enumerate(result.samples) if i % max(1, len(result.samples) // 8) == 0]
     row("  lag over time (s: records)", ", ".join(f"{t:.1f}: {n:,}" for t, n in marks))
+
+
+@dataclass
+class Crash:
+    events: int
+    killed_at: int  # rows written when the worker was killed
+    lost: int  # events with no message row
+    doubled: int  # events with more than one
+    recovered_s: float  # from the kill until every event had its row
+
+
+async def kill_9(dep: Deployment, channel_id: str, n: int, at: float = 0.4) -> Crash:
+    """The peer's crash phase, for Parley: n events queued, the worker killed (-9) when `at` of
+    them are rows, restarted at once; then every event must have exactly one row."""
+    topic = Topics(dep.name).conversation_events
+    run = uuid.uuid4().hex[:6]
+    await drained(dep, "kill -9 phase")
+    dep.stop("worker")
+    db = await asyncpg.connect(dep.database_url)
+    try:
+        base = await stored_rows(db)
+        await produce_messages(dep.services.bootstrap, topic, channel_id, _events(run, n, 2000))
+        dep.start("worker")
+        await waiting(lambda: reached(db, base + int(n * at)), 300, f"{at:.0%} of the rows")
+        dep.kill("worker")
+        killed, t0 = await stored_rows(db) - base, time.perf_counter()
+        dep.start("worker")
+        prefix = f"bench-{run}-%"  # provider_message_id = event id with ':' -> '-'
+
+        async def all_in() -> bool:
+            got: int = await db.fetchval(
+                "SELECT count(DISTINCT provider_message_id) FROM messages WHERE provider_message_id LIKE $1",
+                prefix,
+            )
+            return got >= n
+
+        await waiting(all_in, 600, "every event's row after the kill")
+        recovered = time.perf_counter() - t0
+        # Lost: no message row. Doubled: applied twice, seen in the audit log, which has no
+        # unique key (the messages table's would hide a second insert): one record of a kind
+        # per event.
+        distinct: int = await db.fetchval(
+            "SELECT count(DISTINCT provider_message_id) FROM messages WHERE provider_message_id LIKE $1",
+            prefix,
+        )
+        doubled: int = await db.fetchval(
+            "SELECT count(*) - count(DISTINCT (event_id, kind)) FROM conversation_events"
+            " WHERE event_id LIKE $1",
+            f"bench:{run}:%",
+        )
+        return Crash(n, killed, n - distinct, doubled, recovered)
+    finally:
+        await db.close()
+
+
+def print_crash(crash: Crash) -> None:
+    """The kill -9 phase's row."""
+    row(
+        f"{crash.events:,} events, killed at {crash.killed_at:,} rows, restarted at once",
+        f"lost {crash.lost}, doubled {crash.doubled}",
+        f"every row {crash.recovered_s:.1f} s after the kill",
+    )
