@@ -38,6 +38,10 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, StaleVersion | OSError | asyncio.TimeoutError | asyncpg.InterfaceError):
         return True
+    # A migration changed a table under a running worker: asyncpg drops the statement or type it
+    # cached, and the same batch goes through on the next try (never a reason to park it).
+    if isinstance(exc, asyncpg.InvalidCachedStatementError | asyncpg.exceptions.OutdatedSchemaCacheError):
+        return True
     if isinstance(exc, asyncpg.PostgresError):
         return str(exc.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES
     return False

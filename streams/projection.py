@@ -72,18 +72,6 @@ def _conversation(row: asyncpg.Record) -> Conversation:
     )
 
 
-# The thread's current conversation: the highest thread_seq (log order, never a wall clock);
-# the open one, if any, always has it. One index probe per thread.
-_LATEST = f"""
-SELECT c.*
-FROM ({jsonrows.select(["text", "text"])}) AS t(channel_id, contact_id, n)
-CROSS JOIN LATERAL (
-  SELECT * FROM conversations c
-  WHERE c.channel_id = t.channel_id AND c.contact_id = t.contact_id
-  ORDER BY c.thread_seq DESC LIMIT 1
-) c
-"""
-
 _CONV_COLUMNS = (
     "id, channel_id, contact_id, state, version, opened_at, updated_at, deadline_at,"
     " close_reason, closed_at, previous_conversation_id, assigned_agent,"
@@ -212,27 +200,48 @@ outboxed AS ({insert_outbox(3)} RETURNING 1)
 SELECT 1
 """
 
-_CLAIM = (
-    f"INSERT INTO processed_events (event_id) SELECT e.v FROM ({jsonrows.values()}) AS e(v, n)"
-    " ON CONFLICT DO NOTHING RETURNING event_id"
+# One round trip before planning: record the events' ids in the ledger (the ones not applied
+# before come back), and read each thread's current conversation -- the highest thread_seq (log
+# order, never a wall clock; the open one, if any, always has it), one index probe per thread,
+# as whole rows of the table's type. Threads of events that turn out to be duplicates are read
+# too (harmless: the planner never asks for them).
+_CLAIM_AND_READ = f"""
+WITH claimed AS (
+  INSERT INTO processed_events (event_id) SELECT e.v FROM ({jsonrows.values(1)}) AS e(v, n)
+  ON CONFLICT DO NOTHING RETURNING event_id
 )
+SELECT ARRAY(SELECT event_id FROM claimed) AS fresh,
+       ARRAY(
+         SELECT l.c FROM ({jsonrows.select(["text", "text"], 2)}) AS t(channel_id, contact_id, n)
+         CROSS JOIN LATERAL (
+           SELECT c FROM conversations c
+           WHERE c.channel_id = t.channel_id AND c.contact_id = t.contact_id
+           ORDER BY c.thread_seq DESC LIMIT 1
+         ) l
+       ) AS current
+"""
 
 
-async def _claim(conn: Conn, events: Sequence[ConversationEvent]) -> list[ConversationEvent]:
-    """Record the events' ids in the ledger; returns the ones not applied before, in order."""
-    fresh = {r["event_id"] for r in await conn.fetch(_CLAIM, jsonrows.dumps([e.event_id for e in events]))}
+async def _claim_and_read(
+    conn: Conn, events: Sequence[ConversationEvent]
+) -> tuple[list[ConversationEvent], dict[Thread, Current]]:
+    """The events not applied before, in order (a duplicate inside the batch applies once), and
+    the current conversation of every thread the batch names."""
+    threads = sorted({(e.channel_id, e.contact_id) for e in events if not isinstance(e, SCHEDULE_RECORDS)})
+    row = await conn.fetchrow(
+        _CLAIM_AND_READ, jsonrows.dumps([e.event_id for e in events]), jsonrows.dumps(threads)
+    )
+    assert row is not None  # an aggregate query always has its one row
+    fresh = set(row["fresh"])
     todo = []
     for event in events:
         if event.event_id in fresh:
-            fresh.discard(event.event_id)  # a duplicate inside the batch applies once
+            fresh.discard(event.event_id)
             todo.append(event)
-    return todo
-
-
-async def _read_current(conn: Conn, events: Sequence[ConversationEvent]) -> dict[Thread, Current]:
-    threads = sorted({(e.channel_id, e.contact_id) for e in events if not isinstance(e, SCHEDULE_RECORDS)})
-    rows = await conn.fetch(_LATEST, jsonrows.dumps(threads))
-    return {(r["channel_id"], r["contact_id"]): Current(_conversation(r), r["thread_seq"]) for r in rows}
+    current = {
+        (r["channel_id"], r["contact_id"]): Current(_conversation(r), r["thread_seq"]) for r in row["current"]
+    }
+    return todo, current
 
 
 def action_rows(actions: list[Action], partition: Callable[[str], int]) -> tuple[list[Any], list[Any]]:
@@ -293,12 +302,12 @@ async def apply_batch(
     each outbox row its key's.
     """
     async with conn.transaction():
-        todo = await _claim(conn, events)
+        todo, current = await _claim_and_read(conn, events)
         result = BatchResult(duplicates=len(events) - len(todo))
         if not todo:
             return result
         keys = [e.key for e in todo if isinstance(e, SCHEDULE_RECORDS)]
-        planner = Planner(await _read_current(conn, todo), policy, await read_schedules(conn, keys))
+        planner = Planner(current, policy, await read_schedules(conn, keys))
         for i, event in enumerate(todo):
             if i % 100 == 99:
                 await asyncio.sleep(0)  # let the timer loop and the fetcher run between chunks

@@ -177,3 +177,24 @@ async def test_a_thread_whose_events_carry_clocks_out_of_order_keeps_one_open_co
         str(rows[0]["id"]): 1,
         str(rows[1]["id"]): 3,
     }
+
+
+async def test_a_column_added_under_a_running_worker_costs_a_retry_not_a_dead_letter(
+    pool: asyncpg.Pool,
+) -> None:
+    # A rolling upgrade: a migration adds a column to conversations while a worker applies
+    # batches on connections whose statements and row type asyncpg has cached.
+    from agents.runner import with_retries
+
+    async with pool.acquire() as conn:
+        await apply_batch(conn, [inbound("alter", 1, T0)], POLICY, 8)  # caches the statements and type
+        await conn.execute("ALTER TABLE conversations ADD COLUMN bench_probe int")
+        try:
+            result = await with_retries(
+                lambda: apply_batch(conn, [inbound("alter", 2, T0 + timedelta(minutes=1))], POLICY, 8),
+                retries=0,  # no retry for a non-transient failure: it would have been parked
+                what="batch after ALTER TABLE",
+            )
+            assert result.applied == 1
+        finally:
+            await conn.execute("ALTER TABLE conversations DROP COLUMN bench_probe")

@@ -86,3 +86,14 @@ def test_a_value_postgres_cannot_take_is_not_transient() -> None:
 
     assert not is_transient(ClientDataError("invalid input for query argument $1: 2147483648"))
     assert is_transient(ConnectionResetError())
+
+
+def test_a_schema_change_under_a_running_worker_is_transient() -> None:
+    import asyncpg
+
+    from agents.runner import is_transient
+
+    # ALTER TABLE conversations while batches run: a cached statement's plan or composite type
+    # is stale; asyncpg re-prepares on the next try, so the batch must be retried, not parked.
+    assert is_transient(asyncpg.InvalidCachedStatementError("cached plan must not change result type"))
+    assert is_transient(asyncpg.exceptions.OutdatedSchemaCacheError("type conversations changed"))
