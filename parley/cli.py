@@ -118,11 +118,7 @@ def _api_parent(settings: Settings, n: int) -> int:
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     outcome: dict[str, str] = {}
 
-    def on_signal(signum: int, _frame: object) -> None:
-        raise _Stop(signum)
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, on_signal)
+    _trap_stop_signals()
     code = 1
     try:
         for i in range(n):
@@ -320,6 +316,16 @@ class _Stop(BaseException):
         self.name = signal.Signals(signum).name
 
 
+def _trap_stop_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP raise _Stop in the main thread, wherever it waits."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise _Stop(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
+
+
 def cmd_run(settings: Settings, sandbox: bool = False) -> int:
     """Start broker, Postgres, worker and API on embedded defaults; Ctrl-C stops them all.
 
@@ -332,11 +338,7 @@ def cmd_run(settings: Settings, sandbox: bool = False) -> int:
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     outcome: dict[str, str] = {}
 
-    def on_signal(signum: int, _frame: object) -> None:
-        raise _Stop(signum)
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, on_signal)
+    _trap_stop_signals()
     code = 1
     try:
         code = _run_stack(settings, sandbox, services, children, outcome)
