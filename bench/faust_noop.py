@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ def main() -> None:
     uvloop.install()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    datadir = tempfile.mkdtemp(prefix="faust-noop-")
     app = faust.App(
         "noop-" + uuid.uuid4().hex[:8],
         broker=broker_urls(bootstrap),
@@ -41,7 +43,7 @@ def main() -> None:
         topic_allow_declare=False,
         stream_wait_empty=False,
         stream_buffer_maxsize=4000,
-        datadir=tempfile.mkdtemp(prefix="faust-noop-"),
+        datadir=datadir,
     )
     topic = app.topic(topic_name, key_serializer="raw", value_serializer="raw")
     seen = 0
@@ -51,6 +53,7 @@ def main() -> None:
     def done() -> None:
         # Faust writes terminal control codes to stdout too; the marker makes it parseable.
         print(f"RATE {(n - first) / (time.perf_counter() - started):.0f}", flush=True)
+        shutil.rmtree(datadir, ignore_errors=True)  # os._exit skips every clean-up
         os._exit(0)  # a measurement, not a service: no graceful shutdown to wait for
 
     if path == "batches":
