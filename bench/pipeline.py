@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 import aiohttp
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaProducer
 
 from bench.progress import waiting
 from channels import whatsapp
+from parley.status import consumer_lag
 from streams.records import InboundMessage
 from streams.topics import Topics, thread_key
 from tests.integration.harness import Deployment, GenericChannel, message
@@ -226,25 +226,10 @@ async def _all_in(db: asyncpg.Connection, ids: list[str]) -> bool:
 
 
 async def lag(dep: Deployment) -> int:
-    """Records of the conversation topic not yet committed by the worker's consumer group."""
+    """Records of the conversation topic not yet committed by the worker's consumer group
+    (`parley status`'s reading: committed offsets against end offsets, from Kafka)."""
     topic = Topics(dep.name).conversation_events
-    admin = AIOKafkaAdminClient(bootstrap_servers=dep.services.bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=dep.services.bootstrap)
-    await admin.start()
-    await consumer.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(dep.name)
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        if not partitions:
-            partitions = [tp for tp in committed if tp.topic == topic]
-        ends = await consumer.end_offsets(partitions)
-        return sum(
-            max(0, end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0))
-            for tp, end in ends.items()
-        )
-    finally:
-        await consumer.stop()
-        await admin.close()
+    return (await consumer_lag(dep.services.bootstrap, dep.name, [topic]))[topic].lag
 
 
 async def drained(dep: Deployment, what: str = "phase") -> None:
