@@ -183,13 +183,14 @@ class OutboxRelay:
                 partition_of = partitioners[topic] = partitioner(len(await producer.partitions_for(topic)))
             key: str = row["key"]
             tp = (topic, partition_of(key))
+            record = {"key": key.encode(), "value": outgoing_value(row), "timestamp": None}
             builder = builders.get(tp)
             if builder is None:
                 builder = builders[tp] = producer.create_batch()
-            if builder.append(key=key.encode(), value=outgoing_value(row), timestamp=None) is None:
+            if builder.append(**record) is None:
                 futures.append(await producer.send_batch(builder, topic, partition=tp[1]))  # full
                 builder = builders[tp] = producer.create_batch()
-                builder.append(key=key.encode(), value=outgoing_value(row), timestamp=None)
+                builder.append(**record)
         for (topic, partition), builder in builders.items():
             futures.append(await producer.send_batch(builder, topic, partition=partition))
         await asyncio.gather(*futures)
