@@ -8,9 +8,10 @@ measured side by side in `bench/batches.py`'s encoding phase. Postgres has CPU t
 worker is the bottleneck, so the work moves to where it is cheap.
 
 `select(types)` is the row source: `SELECT (r->>0)::uuid, r->>1, ..., n FROM
-jsonb_array_elements($1::jsonb) WITH ORDINALITY AS j(r, n)`, one output column per type and the
-row's 1-based position last (ORDER BY it where the order of inserts matters). `dumps(rows)` is
-the parameter. Every statement still reads its batch in one scan, joined by key: linear.
+jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS j(r, n)`, one output column per type and
+the row's 1-based position last (ORDER BY it where the order of inserts matters). `dumps(rows)` is
+the parameter, sent as text (the pools' jsonb codec would encode a str as a JSON string). Every
+statement still reads its batch in one scan, joined by key: linear.
 """
 
 from __future__ import annotations
