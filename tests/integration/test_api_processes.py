@@ -8,32 +8,23 @@ from __future__ import annotations
 import re
 import signal
 import uuid
-from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
 import psutil
 import pytest
 
-from tests.integration.harness import Deployment, GenericChannel, Services, message, wait_until
+from tests.integration.harness import Deployment, GenericChannel, message, wait_until
 
 DEPLOYMENT_ENV = {"PARLEY_API_PROCESSES": "2"}
 WEBHOOK_ROUTE = 'parley_api_requests_total{code="200",method="POST",route="/webhooks/generic/{channel_id}"}'
 
 
 @pytest.fixture(scope="module")
-async def two(services: Services) -> AsyncIterator[Deployment]:
-    """A worker and `parley api` with two processes (own topics and database)."""
-    dep = Deployment(services, extra_env=DEPLOYMENT_ENV)
-    await dep.create_database()
-    dep.start("worker")
-    dep.start("api")
-    async with aiohttp.ClientSession() as http:
-        await dep.wait_ready(http)
-    try:
-        yield dep
-    finally:
-        dep.stop_all()
+def two(deployment: Deployment) -> Deployment:
+    """The module's worker and API (conftest's `deployment`): DEPLOYMENT_ENV gives `parley api`
+    two processes."""
+    return deployment
 
 
 def _children(dep: Deployment, label: str = "api") -> list[psutil.Process]:
