@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 
 import aiohttp
@@ -66,6 +66,12 @@ async def produce_messages(
         await producer.stop()
 
 
+def events(run: str, n: int, contacts: int) -> Iterator[tuple[str, str, datetime]]:
+    """n inbound messages of one run over `contacts` threads: (event id, contact, time)."""
+    now = datetime.now(UTC)
+    return ((f"bench:{run}:{i}", f"w{run}-{i % contacts}", now) for i in range(n))
+
+
 async def stored_rows(db: asyncpg.Connection) -> int:
     """Messages inserted so far: the id sequence, read without scanning the table."""
     n: int = await db.fetchval("SELECT COALESCE(max(id), 0) FROM messages")
@@ -80,13 +86,11 @@ async def worker_throughput(dep: Deployment, channel_id: str, n: int, contacts: 
     """Events per second from Kafka into Postgres rows, the worker alone: the events are produced
     while the worker is stopped, then it starts and drains them; timed from first to last row."""
     run = uuid.uuid4().hex[:6]
-    now = datetime.now(UTC)
     topic = Topics(dep.name).conversation_events
     db = await asyncpg.connect(dep.database_url)
     dep.stop("worker")
     try:
-        items = ((f"bench:{run}:{i}", f"w{run}-{i % contacts}", now) for i in range(n))
-        await produce_messages(dep.services.bootstrap, topic, channel_id, items)
+        await produce_messages(dep.services.bootstrap, topic, channel_id, events(run, n, contacts))
         base = await stored_rows(db)
         dep.start("worker")
         await waiting(lambda: reached(db, base + 1), 120, "the first row")

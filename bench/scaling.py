@@ -12,15 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
 
 from bench import cpu
-from bench.pipeline import drained, lag, produce_messages, reached, register, stored_rows
+from bench.pipeline import drained, events, lag, produce_messages, reached, register, stored_rows
 from bench.progress import waiting
 from bench.stats import row
 from parley.localstack import free_port
@@ -28,11 +26,6 @@ from parley.status import parse_metrics
 from streams.settings import Settings
 from streams.topics import Topics
 from tests.integration.harness import Deployment, GenericChannel, Services
-
-
-def _events(run: str, n: int, contacts: int) -> Iterator[tuple[str, str, datetime]]:
-    now = datetime.now(UTC)
-    return ((f"bench:{run}:{i}", f"w{run}-{i % contacts}", now) for i in range(n))
 
 
 @dataclass
@@ -55,7 +48,7 @@ async def catch_up(dep: Deployment, channel_id: str, backlog: int, live_rate: fl
     try:
         base = await stored_rows(db)
         t0 = time.perf_counter()
-        await produce_messages(dep.services.bootstrap, topic, channel_id, _events(run, backlog, 2000))
+        await produce_messages(dep.services.bootstrap, topic, channel_id, events(run, backlog, 2000))
         behind_rate = backlog / (time.perf_counter() - t0)
         stop = asyncio.Event()
         produced_live = 0
@@ -64,7 +57,7 @@ async def catch_up(dep: Deployment, channel_id: str, backlog: int, live_rate: fl
             nonlocal produced_live
             start, chunk = time.perf_counter(), max(1, int(live_rate / 10))
             while not stop.is_set():
-                items = _events(f"{run}l{produced_live}", chunk, 2000)
+                items = events(f"{run}l{produced_live}", chunk, 2000)
                 await produce_messages(dep.services.bootstrap, topic, channel_id, items)
                 produced_live += chunk
                 delay = start + produced_live / live_rate - time.perf_counter()
@@ -119,7 +112,7 @@ async def _drain_with(services: Services, count: int, n: int) -> tuple[float, Us
         try:
             usage: Usage = {}
             topic = Topics(dep.name).conversation_events
-            await produce_messages(services.bootstrap, topic, channel.id, _events("k", n, 2000))
+            await produce_messages(services.bootstrap, topic, channel.id, events("k", n, 2000))
             await waiting(lambda: reached(db, 1), 120, "the first row")
             t0, first = time.perf_counter(), await stored_rows(db)
             with cpu.accounting(usage):
@@ -186,7 +179,7 @@ async def kill_9(dep: Deployment, channel_id: str, n: int, at: float = 0.4) -> C
     db = await asyncpg.connect(dep.database_url)
     try:
         base = await stored_rows(db)
-        await produce_messages(dep.services.bootstrap, topic, channel_id, _events(run, n, 2000))
+        await produce_messages(dep.services.bootstrap, topic, channel_id, events(run, n, 2000))
         dep.start("worker")
         await waiting(lambda: reached(db, base + int(n * at)), 300, f"{at:.0%} of the rows")
         dep.kill("worker")
