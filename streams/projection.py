@@ -1,9 +1,11 @@
-"""Applies a batch of conversation events to Postgres: claim, read, plan, write, in one transaction.
+"""Applies a batch of conversation events to Postgres: read, plan, then write all or nothing.
 
 The processed_events ledger makes redelivered events no-ops; conversation updates are
 conditional on the version read at the start of the batch, so a second writer (a zombie worker
-after a rebalance) loses instead of overwriting. The decisions are made by the pure planner
-(streams.plan); this module is only the reads and writes, each a named SQL statement.
+after a rebalance) loses instead of overwriting. The common batch (messages, agent commands,
+timer firings) is two round trips: the read, and one statement that claims and writes it all.
+The decisions are made by the pure planner (streams.plan); this module is only the reads and
+writes, each a named SQL statement.
 """
 
 from __future__ import annotations
@@ -136,17 +138,11 @@ ORDER BY n
 """
 
 
-_UPDATE_CONVERSATIONS = _update_conversations(1)
-# The conversations, their messages and the audit log in one statement, one round trip: the
-# data-modifying CTEs run once each, whether read or not; foreign keys are checked at the end of
-# the statement, so a message may belong to a conversation inserted beside it. Returns how many
-# conditional updates won (all of them, or another writer changed a conversation under us).
-_WRITE_CONVERSATIONS = f"""
-WITH inserted AS ({_insert_conversations(1)} RETURNING 1),
-updated AS ({_update_conversations(2)}),
-messages AS ({_insert_messages(3)} RETURNING 1),
-audit AS ({_insert_events(4)} RETURNING 1)
-SELECT count(*) FROM updated
+# The ledger claim: the events' ids not recorded before come back (ids of one batch are distinct).
+def _claim(param: int) -> str:
+    return f"""
+INSERT INTO processed_events (event_id) SELECT e.v FROM ({jsonrows.values(param)}) AS e(v, n)
+ON CONFLICT DO NOTHING RETURNING 1
 """
 
 
@@ -190,27 +186,17 @@ WHERE a.owner = d.owner AND a.name = d.name
 """
 
 
-# The batch's effects beyond the conversations, in one statement: its actions' durable intent
-# (rows locked in key order) and its outgoing events (inserted in order: the relay publishes a
-# partition's rows in id order).
-_WRITE_EFFECTS = f"""
-WITH armed AS ({_arm(1)} RETURNING 1),
-disarmed AS ({_disarm(2)} RETURNING 1),
-outboxed AS ({insert_outbox(3)} RETURNING 1)
-SELECT 1
-"""
-
-# One round trip before planning: record the events' ids in the ledger (the ones not applied
-# before come back), and read each thread's current conversation -- the highest thread_seq (log
-# order, never a wall clock; the open one, if any, always has it), one index probe per thread,
-# as whole rows of the table's type. Threads of events that turn out to be duplicates are read
-# too (harmless: the planner never asks for them).
-_CLAIM_AND_READ = f"""
-WITH claimed AS (
-  INSERT INTO processed_events (event_id) SELECT e.v FROM ({jsonrows.values(1)}) AS e(v, n)
-  ON CONFLICT DO NOTHING RETURNING event_id
-)
-SELECT ARRAY(SELECT event_id FROM claimed) AS fresh,
+# Before planning, one round trip and no lock: which of the events the ledger has applied before,
+# and each thread's current conversation -- the highest thread_seq (log order, never a wall
+# clock; the open one, if any, always has it), one index probe per thread, as whole rows of the
+# table's type. Threads of events that turn out to be duplicates are read too (harmless: the
+# planner never asks for them). The write claims the events and checks what it read. (`= ANY` of
+# an array: one index probe per id; `IN (SELECT ...)` became a hash join over the whole ledger.)
+_READ = f"""
+SELECT ARRAY(
+         SELECT p.event_id FROM processed_events p
+         WHERE p.event_id = ANY (ARRAY(SELECT e.v FROM ({jsonrows.values(1)}) AS e(v, n)))
+       ) AS seen,
        ARRAY(
          SELECT l.c FROM ({jsonrows.select(["text", "text"], 2)}) AS t(channel_id, contact_id, n)
          CROSS JOIN LATERAL (
@@ -222,21 +208,19 @@ SELECT ARRAY(SELECT event_id FROM claimed) AS fresh,
 """
 
 
-async def _claim_and_read(
+async def _read(
     conn: Conn, events: Sequence[ConversationEvent]
 ) -> tuple[list[ConversationEvent], dict[Thread, Current]]:
     """The events not applied before, in order (a duplicate inside the batch applies once), and
     the current conversation of every thread the batch names."""
     threads = sorted({(e.channel_id, e.contact_id) for e in events if not isinstance(e, SCHEDULE_RECORDS)})
-    row = await conn.fetchrow(
-        _CLAIM_AND_READ, jsonrows.dumps([e.event_id for e in events]), jsonrows.dumps(threads)
-    )
+    row = await conn.fetchrow(_READ, jsonrows.dumps([e.event_id for e in events]), jsonrows.dumps(threads))
     assert row is not None  # an aggregate query always has its one row
-    fresh = set(row["fresh"])
+    seen = set(row["seen"])
     todo = []
     for event in events:
-        if event.event_id in fresh:
-            fresh.discard(event.event_id)
+        if event.event_id not in seen:
+            seen.add(event.event_id)
             todo.append(event)
     current = {
         (r["channel_id"], r["contact_id"]): Current(_conversation(r), r["thread_seq"]) for r in row["current"]
@@ -252,68 +236,124 @@ def action_rows(actions: list[Action], partition: Callable[[str], int]) -> tuple
     return arms, disarms
 
 
+# The batch's writes. $1/$2: how many events it claims and conversations it updates; the claim
+# and the conversations, their messages and audit log ($3-$7), then its actions' durable intent
+# (rows locked in key order) and its outgoing events in order ($8-$10; the relay publishes a
+# partition's rows in id order). Data-modifying CTEs run once each, whether read or not; foreign
+# keys are checked at the end of the statement, so a message may belong to a conversation
+# inserted beside it. parley_batch_check (migration 0018) fails the statement when another writer
+# claimed an event or changed a conversation since _read: the batch rolls back and is retried.
+_UPDATE_CONVERSATIONS = _update_conversations(1)  # the busiest statement, alone (its EXPLAIN is tested)
+_CONVERSATION_CTES = f"""
+claimed AS ({_claim(3)}),
+inserted AS ({_insert_conversations(4)} RETURNING 1),
+updated AS ({_update_conversations(5)}),
+messages AS ({_insert_messages(6)} RETURNING 1),
+audit AS ({_insert_events(7)} RETURNING 1)"""
+_CHECK = "SELECT parley_batch_check((SELECT count(*) FROM claimed), $1, (SELECT count(*) FROM updated), $2)"
+
+
+def _effect_ctes(first: int) -> str:
+    return f"""
+armed AS ({_arm(first)} RETURNING 1),
+disarmed AS ({_disarm(first + 1)} RETURNING 1),
+outboxed AS ({insert_outbox(first + 2)} RETURNING 1)"""
+
+
+_WRITE_ALL = f"WITH {_CONVERSATION_CTES},{_effect_ctes(8)}\n{_CHECK}"
+_WRITE_CONVERSATIONS = f"WITH {_CONVERSATION_CTES}\n{_CHECK}"
+_WRITE_EFFECTS = f"WITH {_effect_ctes(1)}\nSELECT 1"
+
+
+async def _checked(conn: Conn, sql: str, *args: Any) -> None:
+    try:
+        await conn.fetchval(sql, *args)
+    except asyncpg.exceptions.SerializationError as exc:
+        if "parley: stale batch" in str(exc):
+            raise StaleVersion(str(exc)) from exc
+        raise
+
+
 async def _write(conn: Conn, plan: Plan, partitions: int, events: Sequence[ConversationEvent]) -> int:
     """Write the plan; returns how many outgoing events went to the outbox."""
     partition = partitioner(partitions)
-    if plan.inserts or plan.updates or plan.messages or plan.audit:
-        rows_in = [_conversation_row(c, plan.windows.get(c.id), plan.seq[c.id]) for c in plan.inserts]
-        rows_up = [
-            (*_conversation_row(c, plan.windows.get(c.id), plan.seq[c.id]), read) for c, read in plan.updates
-        ]
-        won = await conn.fetchval(
-            _WRITE_CONVERSATIONS,
-            jsonrows.dumps(rows_in),
-            jsonrows.dumps(rows_up),
-            jsonrows.dumps(plan.messages),
-            jsonrows.dumps(plan.audit),
-        )
-        if won != len(plan.updates):
-            raise StaleVersion(f"{len(plan.updates) - won} conversation(s) changed under us")
-    if plan.receipts:
-        await settle_from_receipts(conn, plan.receipts, partitions)  # sends in doubt: the provider took them
-    outbox = plan.outbox
-    if plan.outbound or plan.receipts:
-        position = {e.event_id: i for i, e in enumerate(events)}
-        statuses = await apply_receipts(conn, plan.outbound, plan.receipts, position)
-        if statuses:  # into log order among the conversation events (a stable sort)
-            outbox = sorted([*outbox, *statuses], key=lambda row: row.position)
-    if plan.sends:
-        plan.queued = await queue_sends(conn, plan.sends, partitions)
-    if plan.schedules and not await write_schedules(conn, plan.schedules):
-        raise StaleVersion("a schedule changed under us")
-    outbox = [*outbox, *plan.schedules.outbox] if plan.schedules.outbox else outbox
-    arms, disarms = action_rows(plan.actions, partition)
-    if arms or disarms or outbox:
-        await conn.execute(
-            _WRITE_EFFECTS,
+    rows_in = [_conversation_row(c, plan.windows.get(c.id), plan.seq[c.id]) for c in plan.inserts]
+    rows_up = [
+        (*_conversation_row(c, plan.windows.get(c.id), plan.seq[c.id]), read) for c, read in plan.updates
+    ]
+    conversations = (
+        len(events),
+        len(plan.updates),
+        jsonrows.dumps([e.event_id for e in events]),
+        jsonrows.dumps(rows_in),
+        jsonrows.dumps(rows_up),
+        jsonrows.dumps(plan.messages),
+        jsonrows.dumps(plan.audit),
+    )
+    if not (plan.receipts or plan.outbound or plan.sends or plan.schedules):
+        # The common batch (messages, agent commands, timer firings): one statement, which is its
+        # own transaction: one round trip, no BEGIN and COMMIT of their own.
+        arms, disarms = action_rows(plan.actions, partition)
+        outbox = outbox_rows(plan.outbox, partition)
+        await _checked(
+            conn,
+            _WRITE_ALL,
+            *conversations,
             jsonrows.dumps(arms),
             jsonrows.dumps(disarms),
-            jsonrows.dumps(outbox_rows(outbox, partition)),
+            jsonrows.dumps(outbox),
         )
-    return len(outbox)
+        return len(outbox)
+    async with conn.transaction():
+        await _checked(conn, _WRITE_CONVERSATIONS, *conversations)
+        if plan.receipts:
+            await settle_from_receipts(
+                conn, plan.receipts, partitions
+            )  # sends in doubt: the provider took them
+        pending = plan.outbox
+        if plan.outbound or plan.receipts:
+            position = {e.event_id: i for i, e in enumerate(events)}
+            statuses = await apply_receipts(conn, plan.outbound, plan.receipts, position)
+            if statuses:  # into log order among the conversation events (a stable sort)
+                pending = sorted([*pending, *statuses], key=lambda row: row.position)
+        if plan.sends:
+            plan.queued = await queue_sends(conn, plan.sends, partitions)
+        if plan.schedules and not await write_schedules(conn, plan.schedules):
+            raise StaleVersion("a schedule changed under us")
+        pending = [*pending, *plan.schedules.outbox] if plan.schedules.outbox else pending
+        arms, disarms = action_rows(plan.actions, partition)
+        if arms or disarms or pending:
+            await conn.execute(
+                _WRITE_EFFECTS,
+                jsonrows.dumps(arms),
+                jsonrows.dumps(disarms),
+                jsonrows.dumps(outbox_rows(pending, partition)),
+            )
+    return len(pending)
 
 
 async def apply_batch(
     conn: Conn, events: Sequence[ConversationEvent], policy: LifecyclePolicy, partitions: int
 ) -> BatchResult:
-    """Apply events (in order) in one transaction; raises StaleVersion if another writer won.
+    """Apply events (in order), all or nothing; raises StaleVersion if another writer won.
 
-    `partitions` is the topics' partition count: each action row records its owner's partition,
-    each outbox row its key's.
+    Read (no lock), plan (streams.plan), write: the writes claim the events in the ledger and
+    update conversations only at the version read, so a second writer (a zombie worker after a
+    rebalance) makes the batch fail and retry instead of overwriting. `partitions` is the topics'
+    partition count: each action row records its owner's partition, each outbox row its key's.
     """
-    async with conn.transaction():
-        todo, current = await _claim_and_read(conn, events)
-        result = BatchResult(duplicates=len(events) - len(todo))
-        if not todo:
-            return result
-        keys = [e.key for e in todo if isinstance(e, SCHEDULE_RECORDS)]
-        planner = Planner(current, policy, await read_schedules(conn, keys))
-        for i, event in enumerate(todo):
-            if i % 100 == 99:
-                await asyncio.sleep(0)  # let the timer loop and the fetcher run between chunks
-            planner.add(event)
-        plan = planner.finish()
-        result.outbox = await _write(conn, plan, partitions, todo)
+    todo, current = await _read(conn, events)
+    result = BatchResult(duplicates=len(events) - len(todo))
+    if not todo:
+        return result
+    keys = [e.key for e in todo if isinstance(e, SCHEDULE_RECORDS)]
+    planner = Planner(current, policy, await read_schedules(conn, keys))
+    for i, event in enumerate(todo):
+        if i % 100 == 99:
+            await asyncio.sleep(0)  # let the timer loop and the fetcher run between chunks
+        planner.add(event)
+    plan = planner.finish()
+    result.outbox = await _write(conn, plan, partitions, todo)
     result.applied, result.actions, result.emits = plan.applied, plan.actions, plan.emits
     result.queued = plan.queued
     return result

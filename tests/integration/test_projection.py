@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from domain.policy import LifecyclePolicy
-from streams import jsonrows
+from streams import jsonrows, projection
 from streams.projection import _UPDATE_CONVERSATIONS, apply_batch
 from streams.records import CloseCommand, InboundMessage
 from streams.schema import create_pool, migrate
@@ -198,3 +198,63 @@ async def test_a_column_added_under_a_running_worker_costs_a_retry_not_a_dead_le
             assert result.applied == 1
         finally:
             await conn.execute("ALTER TABLE conversations DROP COLUMN bench_probe")
+
+
+async def _interfere_after_read(monkeypatch: pytest.MonkeyPatch, pool: asyncpg.Pool, sql: str) -> None:
+    """Another writer (a zombie worker) runs `sql` between the batch's read and its write."""
+    read = projection._read
+
+    async def read_then_interfere(conn: Any, events: Any) -> Any:
+        got = await read(conn, events)
+        async with pool.acquire() as other:
+            await other.execute(sql)
+        monkeypatch.setattr(projection, "_read", read)  # once
+        return got
+
+    monkeypatch.setattr(projection, "_read", read_then_interfere)
+
+
+async def _thread(conn: Any, contact: str) -> tuple[int, int, int]:
+    version = await conn.fetchval("SELECT version FROM conversations WHERE contact_id = $1", contact)
+    messages = await conn.fetchval("SELECT count(*) FROM messages WHERE contact_id = $1", contact)
+    claimed = await conn.fetchval(
+        "SELECT count(*) FROM processed_events WHERE event_id LIKE $1", f"%:{contact}:%"
+    )
+    return version, messages, claimed
+
+
+async def test_an_event_claimed_by_another_writer_after_the_read_fails_the_whole_batch(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The common batch is one statement with no transaction around it: its claim must come up
+    # short, and the statement (the claim, the conversation, the messages) must roll back.
+    async with pool.acquire() as conn:
+        await apply_batch(conn, [inbound("z", 1, T0)], POLICY, 8)
+        before = await _thread(conn, "z")
+        batch = [inbound("z", n, T0 + timedelta(minutes=n)) for n in (2, 3)]
+        await _interfere_after_read(
+            monkeypatch, pool, "INSERT INTO processed_events (event_id) VALUES ('generic:ch:z:3')"
+        )
+        with pytest.raises(projection.StaleVersion, match="claimed 1 of 2 events"):
+            await apply_batch(conn, batch, POLICY, 8)
+        assert await _thread(conn, "z") == (before[0], before[1], before[2] + 1)  # only the other's claim
+        again = await apply_batch(conn, batch, POLICY, 8)  # the retry: 3 is the other writer's
+        assert (again.applied, again.duplicates) == (1, 1)
+        assert await _thread(conn, "z") == (before[0] + 1, before[1] + 1, before[2] + 2)
+
+
+async def test_a_conversation_changed_by_another_writer_after_the_read_fails_the_whole_batch(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with pool.acquire() as conn:
+        await apply_batch(conn, [inbound("y", 1, T0)], POLICY, 8)
+        before = await _thread(conn, "y")
+        await _interfere_after_read(monkeypatch, pool, "UPDATE conversations SET version = version + 1")
+        with pytest.raises(projection.StaleVersion, match="won 0 of 1 conversation updates"):
+            await apply_batch(conn, [inbound("y", 2, T0 + timedelta(minutes=2))], POLICY, 8)
+        assert await _thread(conn, "y") == (before[0] + 1, before[1], before[2])  # nothing of the batch
+        actions = await conn.fetchval("SELECT count(*) FROM scheduled_actions")
+        assert actions == 1  # the first message's close deadline, not re-armed
+        again = await apply_batch(conn, [inbound("y", 2, T0 + timedelta(minutes=2))], POLICY, 8)
+        assert again.applied == 1
+        assert await _thread(conn, "y") == (before[0] + 2, before[1] + 1, before[2] + 1)
