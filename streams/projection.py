@@ -186,12 +186,13 @@ WHERE a.owner = d.owner AND a.name = d.name
 """
 
 
-# Before planning, one round trip and no lock: which of the events the ledger has applied before,
-# and each thread's current conversation -- the highest thread_seq (log order, never a wall
-# clock; the open one, if any, always has it), one index probe per thread, as whole rows of the
-# table's type. Threads of events that turn out to be duplicates are read too (harmless: the
-# planner never asks for them). The write claims the events and checks what it read. (`= ANY` of
-# an array: one index probe per id; `IN (SELECT ...)` became a hash join over the whole ledger.)
+# Before planning, one round trip and no lock: which of the events the ledger has applied before
+# (when asked: see apply_batch), and each thread's current conversation -- the highest thread_seq
+# (log order, never a wall clock; the open one, if any, always has it), one index probe per
+# thread, as whole rows of the table's type. Threads of events that turn out to be duplicates
+# are read too (harmless: the planner never asks for them). The write claims the events and
+# checks what it read. (`= ANY` of an array: one index probe per id; `IN (SELECT ...)` became a
+# hash join over the whole ledger.)
 _READ = f"""
 SELECT ARRAY(
          SELECT p.event_id FROM processed_events p
@@ -209,12 +210,14 @@ SELECT ARRAY(
 
 
 async def _read(
-    conn: Conn, events: Sequence[ConversationEvent]
+    conn: Conn, events: Sequence[ConversationEvent], probe: bool
 ) -> tuple[list[ConversationEvent], dict[Thread, Current]]:
-    """The events not applied before, in order (a duplicate inside the batch applies once), and
-    the current conversation of every thread the batch names."""
+    """The events to apply, in order (a duplicate inside the batch applies once; with `probe`,
+    the ones the ledger has are left out), and the current conversation of every thread the
+    batch names."""
     threads = sorted({(e.channel_id, e.contact_id) for e in events if not isinstance(e, SCHEDULE_RECORDS)})
-    row = await conn.fetchrow(_READ, jsonrows.dumps([e.event_id for e in events]), jsonrows.dumps(threads))
+    ids = [e.event_id for e in events] if probe else []
+    row = await conn.fetchrow(_READ, jsonrows.dumps(ids), jsonrows.dumps(threads))
     assert row is not None  # an aggregate query always has its one row
     seen = set(row["seen"])
     todo = []
@@ -341,8 +344,24 @@ async def apply_batch(
     update conversations only at the version read, so a second writer (a zombie worker after a
     rebalance) makes the batch fail and retry instead of overwriting. `partitions` is the topics'
     partition count: each action row records its owner's partition, each outbox row its key's.
+
+    Almost every batch is new to the ledger, so the first try does not ask it (one index probe
+    per event saved); a redelivered batch finds out at its claim, which fails the write, and goes
+    again with the ledger's answer. Inside a caller's transaction a failed statement would abort
+    it: there the ledger is asked first.
     """
-    todo, current = await _read(conn, events)
+    if not conn.is_in_transaction():
+        try:
+            return await _apply(conn, events, policy, partitions, probe=False)
+        except StaleVersion:
+            pass  # a redelivery, or another writer: read again, this time with the ledger
+    return await _apply(conn, events, policy, partitions, probe=True)
+
+
+async def _apply(
+    conn: Conn, events: Sequence[ConversationEvent], policy: LifecyclePolicy, partitions: int, probe: bool
+) -> BatchResult:
+    todo, current = await _read(conn, events, probe)
     result = BatchResult(duplicates=len(events) - len(todo))
     if not todo:
         return result

@@ -200,15 +200,20 @@ async def test_a_column_added_under_a_running_worker_costs_a_retry_not_a_dead_le
             await conn.execute("ALTER TABLE conversations DROP COLUMN bench_probe")
 
 
-async def _interfere_after_read(monkeypatch: pytest.MonkeyPatch, pool: asyncpg.Pool, sql: str) -> None:
-    """Another writer (a zombie worker) runs `sql` between the batch's read and its write."""
+async def _interfere_after_read(
+    monkeypatch: pytest.MonkeyPatch, pool: asyncpg.Pool, sql: str, times: int = 1
+) -> None:
+    """Another writer (a zombie worker) runs `sql` between the batch's read and its write, the
+    first `times` times the batch reads."""
     read = projection._read
+    left = [times]
 
-    async def read_then_interfere(conn: Any, events: Any) -> Any:
-        got = await read(conn, events)
-        async with pool.acquire() as other:
-            await other.execute(sql)
-        monkeypatch.setattr(projection, "_read", read)  # once
+    async def read_then_interfere(conn: Any, events: Any, probe: bool) -> Any:
+        got = await read(conn, events, probe)
+        if left[0] > 0:
+            left[0] -= 1
+            async with pool.acquire() as other:
+                await other.execute(sql)
         return got
 
     monkeypatch.setattr(projection, "_read", read_then_interfere)
@@ -223,11 +228,12 @@ async def _thread(conn: Any, contact: str) -> tuple[int, int, int]:
     return version, messages, claimed
 
 
-async def test_an_event_claimed_by_another_writer_after_the_read_fails_the_whole_batch(
+async def test_an_event_claimed_by_another_writer_after_the_read_is_applied_once(
     pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The common batch is one statement with no transaction around it: its claim must come up
-    # short, and the statement (the claim, the conversation, the messages) must roll back.
+    # The common batch is one statement with no transaction around it, planned without asking
+    # the ledger: its claim comes up short, the statement (claim, conversation, messages) rolls
+    # back, and the batch goes again knowing what the ledger has.
     async with pool.acquire() as conn:
         await apply_batch(conn, [inbound("z", 1, T0)], POLICY, 8)
         before = await _thread(conn, "z")
@@ -235,26 +241,35 @@ async def test_an_event_claimed_by_another_writer_after_the_read_fails_the_whole
         await _interfere_after_read(
             monkeypatch, pool, "INSERT INTO processed_events (event_id) VALUES ('generic:ch:z:3')"
         )
-        with pytest.raises(projection.StaleVersion, match="claimed 1 of 2 events"):
-            await apply_batch(conn, batch, POLICY, 8)
-        assert await _thread(conn, "z") == (before[0], before[1], before[2] + 1)  # only the other's claim
-        again = await apply_batch(conn, batch, POLICY, 8)  # the retry: 3 is the other writer's
-        assert (again.applied, again.duplicates) == (1, 1)
+        done = await apply_batch(conn, batch, POLICY, 8)
+        assert (done.applied, done.duplicates) == (1, 1)
+        # 3 is the other writer's: its message is not ours to store, and 2 is stored once
         assert await _thread(conn, "z") == (before[0] + 1, before[1] + 1, before[2] + 2)
 
 
-async def test_a_conversation_changed_by_another_writer_after_the_read_fails_the_whole_batch(
+async def test_a_redelivered_batch_applies_only_what_is_new(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        await apply_batch(conn, [inbound("r", n, T0 + timedelta(minutes=n)) for n in (1, 2)], POLICY, 8)
+        before = await _thread(conn, "r")
+        again = [inbound("r", n, T0 + timedelta(minutes=n)) for n in (1, 2, 3)]
+        done = await apply_batch(conn, again, POLICY, 8)
+        assert (done.applied, done.duplicates) == (1, 2)
+        assert await _thread(conn, "r") == (before[0] + 1, before[1] + 1, before[2] + 1)
+
+
+async def test_a_conversation_changed_by_another_writer_after_the_read_fails_the_whole_write(
     pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with pool.acquire() as conn:
         await apply_batch(conn, [inbound("y", 1, T0)], POLICY, 8)
         before = await _thread(conn, "y")
-        await _interfere_after_read(monkeypatch, pool, "UPDATE conversations SET version = version + 1")
+        bump = "UPDATE conversations SET version = version + 1 WHERE contact_id = 'y'"
+        await _interfere_after_read(monkeypatch, pool, bump, times=2)  # the first try and the second
         with pytest.raises(projection.StaleVersion, match="won 0 of 1 conversation updates"):
             await apply_batch(conn, [inbound("y", 2, T0 + timedelta(minutes=2))], POLICY, 8)
-        assert await _thread(conn, "y") == (before[0] + 1, before[1], before[2])  # nothing of the batch
+        assert await _thread(conn, "y") == (before[0] + 2, before[1], before[2])  # nothing of the batch
         actions = await conn.fetchval("SELECT count(*) FROM scheduled_actions")
         assert actions == 1  # the first message's close deadline, not re-armed
         again = await apply_batch(conn, [inbound("y", 2, T0 + timedelta(minutes=2))], POLICY, 8)
         assert again.applied == 1
-        assert await _thread(conn, "y") == (before[0] + 2, before[1] + 1, before[2] + 1)
+        assert await _thread(conn, "y") == (before[0] + 3, before[1] + 1, before[2] + 1)
