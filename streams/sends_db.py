@@ -21,6 +21,7 @@ import orjson
 
 from streams.outgoing import Outgoing as OutboxRow
 from streams.outgoing import write_outbox
+from streams.schema import CUSTOM_PLAN
 from streams.topics import partition_of, partitioner, thread_key
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -124,14 +125,6 @@ class Leaving:
     at: datetime
 
 
-# The sender's two group commits update a handful of rows of outbound_sends by primary key. A
-# prepared statement's cached generic plan was made when it was first run, perhaps when the table
-# was nearly empty and a scan of it the cheapest plan; it stays until the table is next analyzed,
-# and meanwhile every group commit scans the whole table: 0.40 ms for 8 rows at 1,000 rows, 2.68
-# ms at 41,000 (measured; in `make bench` the table grows by 40,000 within a minute, faster than
-# autovacuum analyzes it). A plan made for each execution sees the table's current size and
-# probes the key index; planning costs tens of microseconds.
-CUSTOM_PLAN = "SET LOCAL plan_cache_mode = force_custom_plan"
 _LEAVING = """
 UPDATE outbound_sends s SET status = 'sending', attempts = f.a, sending_at = f.at, updated_at = f.at
 FROM unnest($1::uuid[], $2::int[], $3::timestamptz[]) AS f(id, a, at)

@@ -24,6 +24,7 @@ from domain.webhooks import ENDPOINT_DISABLED, subscribed
 from streams.channel_secrets import Sealer, SecretsKeyError
 from streams.outgoing import Outgoing as OutboxRow
 from streams.outgoing import write_outbox
+from streams.schema import CUSTOM_PLAN
 from streams.topics import partitioner
 
 log = logging.getLogger(__name__)
@@ -384,19 +385,22 @@ WHERE d.id = f.id
 
 
 async def record_results(conn: Conn, results: Sequence[Result]) -> None:
-    """Store a group of attempts and their deliveries' new state in one statement."""
-    await conn.execute(
-        _RESULTS,
-        [r.delivery_id for r in results],
-        [r.attempt for r in results],
-        [r.at for r in results],
-        [r.status for r in results],
-        [r.latency_ms for r in results],
-        [r.error for r in results],
-        [r.response[:RESPONSE_KEPT] for r in results],
-        [r.new_status for r in results],
-        [r.next_attempt_at for r in results],
-    )
+    """Store a group of attempts and their deliveries' new state in one statement (planned for
+    this execution: streams/schema.CUSTOM_PLAN)."""
+    async with conn.transaction():
+        await conn.execute(CUSTOM_PLAN)
+        await conn.execute(
+            _RESULTS,
+            [r.delivery_id for r in results],
+            [r.attempt for r in results],
+            [r.at for r in results],
+            [r.status for r in results],
+            [r.latency_ms for r in results],
+            [r.error for r in results],
+            [r.response[:RESPONSE_KEPT] for r in results],
+            [r.new_status for r in results],
+            [r.next_attempt_at for r in results],
+        )
 
 
 async def endpoint_failing(conn: Conn, endpoint_id: str, since: datetime | None) -> None:
