@@ -12,6 +12,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from streams.schema import create_pool, migrate
 from tests.integration.harness import Deployment, GenericChannel, Services, local_services
 
 
@@ -29,6 +30,17 @@ def private_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="parley-test-own-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def pool(services: Services) -> AsyncIterator[asyncpg.Pool]:
+    """A migrated database of its own, and a pool of 4 connections to it."""
+    dep = Deployment(services)
+    await dep.create_database()
+    created = await create_pool(dep.database_url, 4)
+    await migrate(created)
+    yield created
+    await created.close()
 
 
 @pytest.fixture

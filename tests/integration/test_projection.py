@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,8 +14,7 @@ from domain.policy import LifecyclePolicy
 from streams import jsonrows, projection
 from streams.projection import _UPDATE_CONVERSATIONS, apply_batch
 from streams.records import CloseCommand, InboundMessage
-from streams.schema import create_pool, migrate
-from tests.integration.harness import Services, wait_until
+from tests.integration.harness import wait_until
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 POLICY = LifecyclePolicy(
@@ -28,18 +25,6 @@ POLICY = LifecyclePolicy(
     close_grace=timedelta(seconds=30),
     reopen_window=timedelta(0),
 )
-
-
-@pytest.fixture
-async def pool(services: Services) -> AsyncIterator[asyncpg.Pool]:
-    name = "p" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(services.postgres_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    pool = await create_pool(services.postgres_url.rsplit("/", 1)[0] + "/" + name, 2)
-    await migrate(pool)
-    yield pool
-    await pool.close()
 
 
 def inbound(contact: str, n: int, at: datetime, sent_at: datetime | None = None) -> InboundMessage:

@@ -4,16 +4,11 @@ session as notices, shows the plan each execution really used."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
-import pytest
 
 from streams import sends_db
-from streams.schema import create_pool, migrate
-from tests.integration.harness import Services
 
 _CONVERSATIONS = """
 INSERT INTO conversations (id, channel_id, contact_id, state, version, opened_at, updated_at, thread_seq)
@@ -25,18 +20,6 @@ INSERT INTO outbound_sends (id, conversation_id, channel_id, contact_id, partiti
 SELECT gen_random_uuid(), id, channel_id, contact_id, 0, 'text', '{"text": "hi"}', 'h', 'queued', now(), now()
 FROM conversations WHERE contact_id LIKE $1::text || '%'
 """
-
-
-@pytest.fixture
-async def pool(services: Services) -> AsyncIterator[asyncpg.Pool]:
-    name = "sp" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(services.postgres_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    pool = await create_pool(services.postgres_url.rsplit("/", 1)[0] + "/" + name, 2)
-    await migrate(pool)
-    yield pool
-    await pool.close()
 
 
 async def _grow(conn: sends_db.Conn, tag: str, n: int) -> list[str]:

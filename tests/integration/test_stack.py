@@ -8,7 +8,6 @@ import asyncio
 import os
 import pwd
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +18,6 @@ from api.context import ChannelCache
 from api.health import Readiness
 from parley.localstack import LocalPostgres, free_port
 from streams.channel_secrets import Sealer
-from streams.schema import create_pool, migrate
 from streams.store import Store
 from tests.integration.harness import Deployment, Services, wait_until
 
@@ -86,17 +84,6 @@ async def test_readyz_answers_coarse_names_and_worker_false_leaves_the_worker_ou
     finally:
         dep.stop_all()
     assert "readyz: worker not ready: group" in dep.log_of("api")  # the detail is in the log
-
-
-@pytest.fixture
-async def pool(services: Services) -> AsyncIterator[asyncpg.Pool]:
-    """A migrated database of its own."""
-    dep = Deployment(services)
-    await dep.create_database()
-    created = await create_pool(dep.database_url, 4)
-    await migrate(created)
-    yield created
-    await created.close()
 
 
 async def test_readiness_shares_one_check_per_second_and_one_admin_client(
