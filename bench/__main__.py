@@ -218,7 +218,7 @@ async def run(services: Services, scale: float, skip_timers: bool, inbound_only:
 
 async def projection(services: Services) -> None:
     """The projection alone (Postgres, no Kafka): batch cost by size, and a poison batch."""
-    print("\n== projection: one batch, one transaction (Postgres only) ==", flush=True)
+    print("\n== projection: one batch applied all or nothing (Postgres only) ==", flush=True)
     per_event = await batches.per_event_by_batch_size(services.postgres_url, (10, 100, 1000, 10_000))
     for size, us in per_event.items():
         row(f"apply a batch of {size:,} messages (open conversations)", f"{us:,.0f} us/event")
