@@ -293,10 +293,10 @@ async def _write(conn: Conn, plan: Plan, partitions: int, events: Sequence[Conve
         jsonrows.dumps(plan.messages),
         jsonrows.dumps(plan.audit),
     )
+    arms, disarms = action_rows(plan.actions, partition)
     if not (plan.receipts or plan.outbound or plan.sends or plan.schedules):
         # The common batch (messages, agent commands, timer firings): one statement, which is its
         # own transaction: one round trip, no BEGIN and COMMIT of their own.
-        arms, disarms = action_rows(plan.actions, partition)
         outbox = outbox_rows(plan.outbox, partition)
         await _checked(
             conn,
@@ -309,10 +309,8 @@ async def _write(conn: Conn, plan: Plan, partitions: int, events: Sequence[Conve
         return len(outbox)
     async with conn.transaction():
         await _checked(conn, _WRITE_CONVERSATIONS, *conversations)
-        if plan.receipts:
-            await settle_from_receipts(
-                conn, plan.receipts, partitions
-            )  # sends in doubt: the provider took them
+        if plan.receipts:  # sends in doubt: the provider took them
+            await settle_from_receipts(conn, plan.receipts, partitions)
         pending = plan.outbox
         if plan.outbound or plan.receipts:
             position = {e.event_id: i for i, e in enumerate(events)}
@@ -324,7 +322,6 @@ async def _write(conn: Conn, plan: Plan, partitions: int, events: Sequence[Conve
         if plan.schedules and not await write_schedules(conn, plan.schedules):
             raise StaleVersion("a schedule changed under us")
         pending = [*pending, *plan.schedules.outbox] if plan.schedules.outbox else pending
-        arms, disarms = action_rows(plan.actions, partition)
         if arms or disarms or pending:
             await conn.execute(
                 _WRITE_EFFECTS,
