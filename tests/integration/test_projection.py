@@ -86,6 +86,26 @@ async def test_the_batched_update_is_linear_in_the_batch(pool: asyncpg.Pool) -> 
     assert plan["Actual Rows"] == 1000  # and every row was updated
 
 
+async def test_the_ledger_probe_reads_only_the_batch_ids(pool: asyncpg.Pool) -> None:
+    # The read asks the ledger about a batch's ids; as `IN (SELECT ...)` the planner hashed
+    # them and scanned the whole ledger (here 5,000 rows, not yet analyzed, as in a young
+    # deployment), a cost growing with every event ever applied.
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO processed_events (event_id) SELECT 'old:' || n FROM generate_series(1, 5000) AS n"
+        )
+        ids = jsonrows.dumps([f"old:{n}" for n in range(1, 11)])
+        explained = await conn.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + projection._READ, ids, jsonrows.dumps([])
+        )
+    nodes = _nodes(json.loads(explained)[0]["Plan"])
+    ledger = [n for n in nodes if n.get("Relation Name") == "processed_events"]
+    assert ledger, nodes
+    assert all(n["Node Type"] != "Seq Scan" for n in ledger), ledger
+    # the batch's rows, fetched by the key index (rows are per loop)
+    assert sum(n["Actual Rows"] * n["Actual Loops"] for n in ledger) == 10
+
+
 async def test_a_message_updates_its_conversation_in_place(pool: asyncpg.Pool) -> None:
     # The busiest write of all: each user message moves its conversation's deadline. No index
     # may cover the columns it changes, so the new row version stays on its page (a HOT update)
