@@ -27,7 +27,7 @@ from agents import batching, metrics
 from agents.runner import apply_isolating, with_retries
 from agents.scheduler import Scheduler
 from streams.projection import BatchResult, apply_batch
-from streams.records import CONVERSATION_EVENT, ConversationEvent, DeadLetter
+from streams.records import ConversationEvent, DeadLetter, events_of, keyed
 from streams.schema import create_pool
 from streams.settings import Settings
 from streams.topics import Topics
@@ -71,6 +71,25 @@ class BatchStats:
                 1000 * self.delay_max,
             )
             self._reset(now)
+
+
+class Part:
+    """One event of a bundle record (records.SchedulePuts), standing in for its Message where an
+    event is dead-lettered: the letter carries this event alone, under its own key, so a retry of
+    the letter applies just it."""
+
+    def __init__(self, message: Any, event: ConversationEvent) -> None:
+        self.topic, self.partition, self.offset = message.topic, message.partition, message.offset
+        self.timestamp = message.timestamp
+        self.event = event
+
+    @property
+    def key(self) -> bytes:
+        return keyed(self.event)[0]
+
+    @property
+    def value(self) -> bytes:
+        return keyed(self.event)[1]
 
 
 class LifecycleAgent:
@@ -176,9 +195,14 @@ class LifecycleAgent:
         decoded: list[tuple[Any, ConversationEvent]] = []
         for message in batch:
             try:
-                decoded.append((message, CONVERSATION_EVENT.validate_json(message.value)))
+                events = events_of(message.value)
             except ValidationError as exc:
                 await self.dead_letter(message, f"undecodable event: {exc}", attempts=1)
+                continue
+            if len(events) == 1:
+                decoded.append((message, events[0]))
+            else:  # a bundle of schedule puts: each is applied, and if need be parked, alone
+                decoded.extend((Part(message, event), event) for event in events)
         await apply_isolating(decoded, self._apply_and_arm, self._park)
         now = time.time()
         for message in batch:  # applied or parked: either way its wait is over

@@ -31,8 +31,9 @@ from api.context import CONTEXT, error, json_body
 from api.ingress import KafkaUnavailable
 from channels import normalize
 from domain.schedules import FINAL, KEY_PATTERN, Status, view
-from streams.records import ScheduleCommand, SchedulePut, keyed
+from streams.records import ScheduleCommand, SchedulePut, bundle_puts, keyed
 from streams.schedules_db import RESULTS_CHANNEL, schedule_of
+from streams.topics import partitioner
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -245,22 +246,29 @@ async def _submit(request: web.Request, records: Sequence[SchedulePut | Schedule
     answers = request.app[ANSWERS]
     ids = [r.event_id for r in records]
     futures = [answers.expect(i) for i in ids]
-    pairs = [keyed(r) for r in records]
     try:
-        for key, value in pairs:
-            normalize.check_record(key, value, "the command")
         if request.headers.get(IDEMPOTENCY_HEADER):
             await answers.fetch(ids)  # a repeat whose answer exists: no need to produce again
-        todo = [p for p, f in zip(pairs, futures, strict=True) if not f.done()]
-        if todo:
-            await ctx.ingress.send_many(ctx.topics.conversation_events, todo)
+        todo = [r for r, f in zip(records, futures, strict=True) if not f.done()]
+        puts = [r for r in todo if isinstance(r, SchedulePut)]
+        if len(puts) > 1 and len(puts) == len(todo):  # the batch route: a record per partition
+            # the topic's own partition count, as the producer will place each bundle's key
+            count = len(await ctx.ingress.producer.partitions_for(ctx.topics.conversation_events))
+            pairs = bundle_puts(puts, partitioner(count), normalize.MAX_RECORD_BYTES)
+        else:
+            pairs = [keyed(r) for r in todo]
+        for key, value in pairs:
+            normalize.check_record(key, value, "the command")
+        if pairs:
+            await ctx.ingress.send_many(ctx.topics.conversation_events, pairs)
     except normalize.IngressError as exc:
         answers.forget(ids)
         return [error(exc.status, str(exc))]
     except KafkaUnavailable:
         answers.forget(ids)
         return [error(503, "event log unavailable, retry later")]
-    done, pending = await asyncio.wait([asyncio.shield(f) for f in futures], timeout=ANSWER_TIMEOUT)
+    # asyncio.wait leaves what is not done at the timeout as it is (no cancel, so no shield)
+    await asyncio.wait(futures, timeout=ANSWER_TIMEOUT)
     out: list[Any] = []
     for event_id, fut in zip(ids, futures, strict=True):
         if fut.done() and not fut.cancelled():
@@ -276,7 +284,6 @@ async def _submit(request: web.Request, records: Sequence[SchedulePut | Schedule
                 )
             )
     answers.forget([i for i, f in zip(ids, futures, strict=True) if not f.done()])
-    del done, pending
     return out
 
 
@@ -367,6 +374,7 @@ async def batch_put(request: web.Request) -> web.Response:
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH or set(raw) != {"items"}:
         return error(422, f'body must be {{"items": [...]}} with 1 to {MAX_BATCH} schedules')
     now = datetime.now(UTC)
+    request_id = uuid.uuid4()
     answers: list[Any] = [None] * len(items)
     records: list[SchedulePut] = []
     where: list[int] = []
@@ -386,7 +394,8 @@ async def batch_put(request: web.Request) -> web.Response:
         except ValueError as exc:
             answers[i] = (422, {"key": key, "error": str(exc), "details": [{"loc": ["items", i, "run_at"]}]})
             continue
-        event_id = _event_id("put", key, f"{idem}:{i}" if idem is not None else None)
+        # one uuid per request, not per item (uuid4 reads the OS's random source each time)
+        event_id = f"sched:{request_id}.{i}" if idem is None else _event_id("put", key, f"{idem}:{i}")
         records.append(_put_record(key, body, event_id, now))
         where.append(i)
     if records:
@@ -401,7 +410,11 @@ async def batch_put(request: web.Request) -> web.Response:
             return answer
         status, body = answer
         out.append({"code": status, **body})
-    return web.json_response({"items": out})
+    return web.json_response({"items": out}, dumps=_dumps)
+
+
+def _dumps(body: Any) -> str:
+    return orjson.dumps(body).decode()
 
 
 @routes.get("/v1/schedules/{key}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -179,6 +180,16 @@ class ScheduleDue(Record):
     source: Literal["timer", "sweep"] = "timer"
 
 
+class SchedulePuts(Record):
+    """POST /v1/schedules:batch: the puts of one request whose owner keys share a partition, as
+    one record keyed by the first one's owner key (so it lands on that partition): one Kafka
+    record per partition and request, not one per schedule. A consumer reads it as its puts, in
+    order (`events_of`); each keeps its own event id, ledger entry and answer."""
+
+    kind: Literal["schedule.puts"] = "schedule.puts"
+    puts: list[SchedulePut] = Field(min_length=1)
+
+
 ScheduleRecord = SchedulePut | ScheduleCommand | ScheduleDue
 SCHEDULE_RECORDS = (SchedulePut, ScheduleCommand, ScheduleDue)
 
@@ -197,6 +208,58 @@ ConversationEvent = Annotated[
 ]
 LifecycleEvent = InboundMessage | CloseCommand | AcceptCommand | TimerFiredRecord | SendRequested
 CONVERSATION_EVENT: TypeAdapter[ConversationEvent] = TypeAdapter(ConversationEvent)
+# What a record of the conversation-events topic holds: one event, or a bundle of schedule puts.
+LOG_RECORD: TypeAdapter[ConversationEvent | SchedulePuts] = TypeAdapter(
+    Annotated[
+        InboundMessage
+        | CloseCommand
+        | AcceptCommand
+        | TimerFiredRecord
+        | OutboundMessage
+        | SendRequested
+        | StatusReceipt
+        | SchedulePut
+        | ScheduleCommand
+        | ScheduleDue
+        | SchedulePuts,
+        Field(discriminator="kind"),
+    ]
+)
+
+
+def events_of(raw: bytes) -> list[ConversationEvent]:
+    """The events of one conversation-events record, in order (a bundle is its puts); raises
+    pydantic's ValidationError for a record that is not one."""
+    record = LOG_RECORD.validate_json(raw)
+    if isinstance(record, SchedulePuts):
+        return list(record.puts)
+    return [record]
+
+
+def bundle_puts(
+    puts: Sequence[SchedulePut], partition_of: Callable[[str], int], limit: int
+) -> list[tuple[bytes, bytes]]:
+    """(key, value) records carrying these puts: one SchedulePuts per partition of the topic
+    (`partition_of` an owner key, as the producer will place it), in the puts' order, split where a
+    record would pass `limit` bytes (key + value). A put alone over the limit goes alone, for the
+    caller's size check to refuse."""
+    groups: dict[int, list[tuple[bytes, bytes]]] = {}
+    for put in puts:
+        owner = f"schedule:{put.key}"
+        groups.setdefault(partition_of(owner), []).append((owner.encode(), put.model_dump_json().encode()))
+    out: list[tuple[bytes, bytes]] = []
+    head, tail = b'{"kind":"schedule.puts","puts":[', b"]}"
+    values: list[bytes]
+    for items in groups.values():
+        key, values, size = items[0][0], [], len(head) + len(tail)
+        for item_key, value in items:
+            if values and len(key) + size + len(value) + 1 > limit:
+                out.append((key, head + b",".join(values) + tail))
+                key, values, size = item_key, [], len(head) + len(tail)
+            values.append(value)
+            size += len(value) + 1
+        out.append((key, head + b",".join(values) + tail))
+    return out
 
 
 def keyed(event: ConversationEvent) -> tuple[bytes, bytes]:

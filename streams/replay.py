@@ -30,7 +30,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
 from streams.projection import apply_batch
-from streams.records import CONVERSATION_EVENT, ConversationEvent, conversation_id_for
+from streams.records import ConversationEvent, conversation_id_for, events_of
 from streams.schema import create_pool, migrate
 from streams.settings import Settings
 from streams.topics import Topics, thread_key
@@ -115,14 +115,14 @@ async def replay(
                         result.skipped_other_threads += 1
                         continue
                     try:
-                        event = CONVERSATION_EVENT.validate_json(record.value)
+                        decoded = events_of(record.value)
                     except ValidationError:
                         result.undecodable += 1  # it was dead-lettered when first consumed
                         continue
                     if dry_run and only_key is None:
-                        result.reapplied += 1  # a full dry run only counts
+                        result.reapplied += len(decoded)  # a full dry run only counts
                     else:
-                        events.append(event)
+                        events.extend(decoded)
             if conversation_id is not None or dry_run:
                 continue  # one thread: collect everything first, then rebuild it at once
             await _apply(pool, events, settings, result)

@@ -29,13 +29,13 @@ from domain.policy import LifecyclePolicy, parse_duration
 from domain.whatif import CheckItem, LogEvent, Report, Simulation
 from streams.plan import to_domain
 from streams.records import (
-    CONVERSATION_EVENT,
     AcceptCommand,
     CloseCommand,
     ConversationEvent,
     InboundMessage,
     SendRequested,
     TimerFiredRecord,
+    events_of,
     occurred_at,
 )
 from streams.replay import assign_range, fetch_range, plain_consumer, topic_partitions
@@ -341,13 +341,14 @@ async def whatif(
                         other += 1
                         continue
                     try:
-                        event = CONVERSATION_EVENT.validate_json(record.value)
+                        events = events_of(record.value)
                     except ValidationError:
                         undecodable += 1  # dead-lettered when first consumed: the worker skipped it too
                         continue
-                    item = log_event(event)
-                    if item is not None:
-                        sim.add(item)
+                    for event in events:
+                        item = log_event(event)
+                        if item is not None:
+                            sim.add(item)
                 if records:
                     last_ms[tp] = records[-1].timestamp
                     if records[-1].offset >= ranges[tp][1] - 1:
