@@ -203,7 +203,11 @@ class LifecycleAgent:
                 decoded.append((message, events[0]))
             else:  # a bundle of schedule puts: each is applied, and if need be parked, alone
                 decoded.extend((Part(message, event), event) for event in events)
-        await apply_isolating(decoded, self._apply_and_arm, self._park)
+        # Bundles can make a batch of records far more events than a batch: apply at most
+        # worker_batch_size events per transaction, in order.
+        size = self.settings.worker_batch_size
+        for start in range(0, len(decoded), size):
+            await apply_isolating(decoded[start : start + size], self._apply_and_arm, self._park)
         now = time.time()
         for message in batch:  # applied or parked: either way its wait is over
             self._event_age.observe(now - message.timestamp)

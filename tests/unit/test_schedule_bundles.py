@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
 
 import orjson
 import pytest
 from pydantic import ValidationError
 
+from agents.lifecycle import LifecycleAgent
 from streams.records import SchedulePut, bundle_puts, events_of, keyed
 from streams.topics import partition_of, partitioner
 
@@ -56,3 +60,23 @@ def test_a_single_event_reads_as_itself_and_garbage_raises() -> None:
         events_of(b'{"kind":"schedule.puts","puts":[]}')  # an empty bundle is not a record
     with pytest.raises(ValidationError):
         events_of(orjson.dumps({"kind": "schedule.puts", "puts": [{"kind": "schedule.cancel"}]}))
+
+
+async def test_the_worker_applies_a_big_bundle_in_batches_of_at_most_its_batch_size() -> None:
+    puts = [_put(f"k{i}", i) for i in range(25)]
+    [(_, value)] = bundle_puts(puts, lambda _owner: 0, limit=900_000)
+    message = SimpleNamespace(topic="t", partition=0, offset=7, timestamp=0.0, key=b"k", value=value)
+    applied: list[list[Any]] = []
+
+    async def apply(items: Sequence[tuple[Any, Any]]) -> None:
+        applied.append([event for _, event in items])
+
+    agent = SimpleNamespace(
+        settings=SimpleNamespace(worker_batch_size=10),
+        _apply_and_arm=apply,
+        _park=None,  # nothing fails here
+        _event_age=SimpleNamespace(observe=lambda _seconds: None),
+    )
+    await LifecycleAgent.handle(agent, [message])  # type: ignore[arg-type]
+    assert [len(a) for a in applied] == [10, 10, 5]
+    assert [e for a in applied for e in a] == puts
