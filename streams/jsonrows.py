@@ -41,6 +41,8 @@ def _column(i: int, type_: str) -> str:
         return f"j.r->>{i}"
     if type_ == "jsonb":  # a value that is a JSON document in a string
         return f"(j.r->>{i})::jsonb"
+    if type_ == "json":  # a value that is a JSON document in place (a dict in the row): jsonb
+        return f"j.r->{i}"
     return f"(j.r->>{i})::{type_}"
 
 

@@ -1,8 +1,8 @@
 """The IO half of a batch's schedule events: read the schedules, write the SchedulePlan.
 
 Called by streams/projection.py inside the batch's transaction. Every statement is named here
-and takes one parameter array per column: one unnest per statement, joined to its table by
-primary key (never two unnests joined to each other: that shape was quadratic).
+and takes its batch's rows as one JSON parameter (streams/jsonrows.py: ~10x less worker CPU per
+row than an array per column), read in one scan and joined to its table by primary key.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import asyncpg
 import orjson
 
 from domain.schedules import Schedule, Status
+from streams import jsonrows
 from streams.schedules_plan import SchedulePlan
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -26,42 +27,38 @@ _COLUMNS = (
     " delay_ms, attempts, last_error, created_at, updated_at, fired_at, revision"
 )
 _TYPES = (
-    "text text int bigint timestamptz timestamptz text text int bigint bigint int text timestamptz"
+    "text text int bigint timestamptz timestamptz text json int bigint bigint int text timestamptz"
     " timestamptz timestamptz bigint"
 ).split()
-_SELECT = "key, status, version, epoch, run_at, due_at, event_type, payload::jsonb, max_attempts, backoff_ms,"
-_SELECT += " delay_ms, attempts, last_error, created_at, updated_at, fired_at, revision"
-
-
-def _unnest(types: Sequence[str]) -> str:
-    return "unnest(" + ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1)) + ")"
-
 
 _READ = f"SELECT {_COLUMNS} FROM schedules WHERE key = ANY($1::text[])"
 _INSERT = f"""
 INSERT INTO schedules ({_COLUMNS})
-SELECT {_SELECT} FROM {_unnest(_TYPES)} AS u({_COLUMNS})
+SELECT {_COLUMNS} FROM ({jsonrows.select(_TYPES)}) AS u({_COLUMNS}, n)
 ON CONFLICT (key) DO NOTHING
 RETURNING key
 """
 _UPDATE = f"""
 UPDATE schedules s SET
   status = u.status, version = u.version, epoch = u.epoch, run_at = u.run_at, due_at = u.due_at,
-  event_type = u.event_type, payload = u.payload::jsonb, max_attempts = u.max_attempts,
+  event_type = u.event_type, payload = u.payload, max_attempts = u.max_attempts,
   backoff_ms = u.backoff_ms, delay_ms = u.delay_ms, attempts = u.attempts,
   last_error = u.last_error, updated_at = u.updated_at, fired_at = u.fired_at, revision = u.revision
-FROM {_unnest([*_TYPES, "bigint"])} AS u({_COLUMNS}, expected)
+FROM ({jsonrows.select([*_TYPES, "bigint"])}) AS u({_COLUMNS}, expected, n)
 WHERE s.key = u.key AND s.revision = u.expected
 RETURNING s.key
 """
-_HISTORY = """
+_HISTORY = f"""
 INSERT INTO schedule_history (key, version, kind, at, detail, event_id)
-SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
+SELECT key, version, kind, at, detail, event_id
+FROM ({jsonrows.select("text int text timestamptz text text".split())})
+  AS h(key, version, kind, at, detail, event_id, n)
+ORDER BY n
 """
-_RESULTS = """
+_RESULTS = f"""
 INSERT INTO schedule_results (event_id, status, body)
-SELECT r.event_id, r.status, r.body::jsonb
-FROM unnest($1::text[], $2::int[], $3::text[]) AS r(event_id, status, body)
+SELECT event_id, status, body
+FROM ({jsonrows.select("text int json".split())}) AS r(event_id, status, body, n)
 ON CONFLICT (event_id) DO NOTHING
 """
 _NOTIFY = f"SELECT pg_notify('{RESULTS_CHANNEL}', $1)"
@@ -100,7 +97,7 @@ def _row(s: Schedule) -> tuple[Any, ...]:
         s.run_at,
         s.due_at,
         s.event_type,
-        orjson.dumps(s.payload).decode(),
+        s.payload,
         s.max_attempts,
         s.backoff_ms,
         s.delay_ms,
@@ -111,10 +108,6 @@ def _row(s: Schedule) -> tuple[Any, ...]:
         s.fired_at,
         s.revision,
     )
-
-
-def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
-    return [[row[i] for row in rows] for i in range(width)]
 
 
 async def read_schedules(conn: Conn, keys: Sequence[str]) -> dict[str, Schedule]:
@@ -143,18 +136,18 @@ async def write_schedules(conn: Conn, plan: SchedulePlan) -> bool:
     """Write the plan but its outbox rows (the projection writes every outbox row in one
     statement); False when a schedule changed under us (the batch must be retried)."""
     if plan.inserts:
-        won = await conn.fetch(_INSERT, *_columns([_row(s) for s in plan.inserts], len(_TYPES)))
+        won = await conn.fetch(_INSERT, jsonrows.dumps([_row(s) for s in plan.inserts]))
         if len(won) != len(plan.inserts):
             return False
     if plan.updates:
         rows = [(*_row(s), read) for s, read in plan.updates]
-        won = await conn.fetch(_UPDATE, *_columns(rows, len(_TYPES) + 1))
+        won = await conn.fetch(_UPDATE, jsonrows.dumps(rows))
         if len(won) != len(plan.updates):
             return False
     if plan.history:
-        await conn.execute(_HISTORY, *_columns(plan.history, 6))
+        await conn.execute(_HISTORY, jsonrows.dumps(plan.history))
     if plan.results:
-        await conn.execute(_RESULTS, *_columns(plan.results, 3))
+        await conn.execute(_RESULTS, jsonrows.dumps(plan.results))
         for chunk in notify_chunks([r[0] for r in plan.results]):
             await conn.execute(_NOTIFY, chunk)  # delivered at commit, to every listening API
     return True

@@ -40,7 +40,7 @@ class SchedulePlan:
     inserts: list[Schedule] = field(default_factory=list)
     updates: list[tuple[Schedule, int]] = field(default_factory=list)  # (new row, revision read)
     history: list[tuple[str, int, str, datetime, str | None, str]] = field(default_factory=list)
-    results: list[tuple[str, int, str]] = field(default_factory=list)  # (event id, status, body JSON)
+    results: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)  # (event id, status, body)
     outbox: list[Outgoing] = field(default_factory=list)  # keyed by the owner `schedule:<key>`
 
     def __bool__(self) -> bool:
@@ -101,7 +101,7 @@ class SchedulesPlanner:
             owner = owner_of(event.key)
             self.plan.outbox.append(Outgoing(f"{event.event_id}:{e.suffix}", e.type, owner, data, at))
         if not isinstance(event, ScheduleDue):
-            self.plan.results.append((event.event_id, decision.status, _dumps(decision.body)))
+            self.plan.results.append((event.event_id, decision.status, decision.body))
 
     def finish(self) -> SchedulePlan:
         """The rows: new schedules, and updates sorted by key (rows locked in one order)."""
