@@ -11,7 +11,8 @@ worker is the bottleneck, so the work moves to where it is cheap.
 jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS j(r, n)`, one output column per type and
 the row's 1-based position last (ORDER BY it where the order of inserts matters). `dumps(rows)` is
 the parameter, sent as text (the pools' jsonb codec would encode a str as a JSON string). Every
-statement still reads its batch in one scan, joined by key: linear.
+statement still reads its batch in one scan, joined by key: linear. A statement that joins the
+rows to a table by its key reads them with `probe=True` (see `select`).
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ def _column(i: int, type_: str) -> str:
     return f"(j.r->>{i})::{type_}"
 
 
-def select(types: Sequence[str], param: int = 1) -> str:
-    """The rows of parameter $param, typed: columns in order, then the position n."""
+def select(types: Sequence[str], param: int = 1, *, probe: bool = False) -> str:
+    """The rows of parameter $param, typed: columns in order, then the position n. `probe`: for
+    a statement that joins them to a table by its key, so that the join probes the key's index
+    per row rather than hashing the rows and scanning the table (migration 0019)."""
     columns = ", ".join(_column(i, t) for i, t in enumerate(types))
-    return (
-        f"SELECT {columns}, j.n FROM jsonb_array_elements(${param}::text::jsonb) WITH ORDINALITY AS j(r, n)"
-    )
+    source = f"parley_rows(${param})" if probe else f"jsonb_array_elements(${param}::text::jsonb)"
+    return f"SELECT {columns}, j.n FROM {source} WITH ORDINALITY AS j(r, n)"
 
 
 def values(param: int = 1) -> str:

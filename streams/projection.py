@@ -181,7 +181,8 @@ ON CONFLICT (owner, name) DO UPDATE
 
 def _disarm(param: int) -> str:
     return f"""
-DELETE FROM scheduled_actions a USING ({jsonrows.select(["text", "text"], param)}) AS d(owner, name, n)
+DELETE FROM scheduled_actions a
+USING ({jsonrows.select(["text", "text"], param, probe=True)}) AS d(owner, name, n)
 WHERE a.owner = d.owner AND a.name = d.name
 """
 

@@ -38,13 +38,15 @@ SELECT {_COLUMNS} FROM ({jsonrows.select(_TYPES)}) AS u({_COLUMNS}, n)
 ON CONFLICT (key) DO NOTHING
 RETURNING key
 """
+# probe=True: one primary-key probe per row (without it, 17 rows against 10k schedules took
+# 1.4 ms: a hash join over a scan of the whole table).
 _UPDATE = f"""
 UPDATE schedules s SET
   status = u.status, version = u.version, epoch = u.epoch, run_at = u.run_at, due_at = u.due_at,
   event_type = u.event_type, payload = u.payload, max_attempts = u.max_attempts,
   backoff_ms = u.backoff_ms, delay_ms = u.delay_ms, attempts = u.attempts,
   last_error = u.last_error, updated_at = u.updated_at, fired_at = u.fired_at, revision = u.revision
-FROM ({jsonrows.select([*_TYPES, "bigint"])}) AS u({_COLUMNS}, expected, n)
+FROM ({jsonrows.select([*_TYPES, "bigint"], probe=True)}) AS u({_COLUMNS}, expected, n)
 WHERE s.key = u.key AND s.revision = u.expected
 RETURNING s.key
 """
