@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -58,6 +59,21 @@ def cmd_migrate(settings: Settings) -> int:
     return 0
 
 
+# The cyclic garbage collector's thresholds for the worker and API processes. CPython's default
+# (700, 10, 10) runs a young collection per 700 net new container objects: at a few thousand
+# events a second the worker ran 4,170 young, 379 middle and 33 full collections in one schedules
+# bench phase (2.7 s of CPU), the full ones 50-63 ms each, and a timer due during one fires that
+# much late. At 20,000 the same phase ran 26 young, 1 middle and no full collection (0.19 s):
+# almost everything dies by reference counting before a collection sees it, so far less is
+# promoted to the old generations that a full collection has to walk.
+GC_THRESHOLD = (20_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Set GC_THRESHOLD for this process (a long-running worker or API process)."""
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 def cmd_api(settings: Settings, processes: int | None = None, child: int | None = None) -> int:
     """Serve webhooks, the admin API and the operator console: in this process, or (N > 1) in N
     child processes on one port (SO_REUSEPORT) under this one, which supervises them."""
@@ -75,6 +91,7 @@ def cmd_api(settings: Settings, processes: int | None = None, child: int | None 
     if child is None and n > 1:
         return _api_parent(settings, n)
     uvloop.install()
+    tune_gc()
     web.run_app(
         create_app(settings),
         host=settings.http_host,
@@ -158,6 +175,7 @@ def cmd_worker(settings: Settings) -> int:
     asyncio.run(_prepare(settings))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     uvloop.install()  # the worker is event-loop bound: uvloop's cheaper tasks and I/O pay off
+    tune_gc()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     app, lifecycle = create_app(settings)
