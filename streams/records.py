@@ -193,7 +193,7 @@ class SchedulePuts(Record):
 ScheduleRecord = SchedulePut | ScheduleCommand | ScheduleDue
 SCHEDULE_RECORDS = (SchedulePut, ScheduleCommand, ScheduleDue)
 
-ConversationEvent = Annotated[
+_EVENTS = (
     InboundMessage
     | CloseCommand
     | AcceptCommand
@@ -203,27 +203,14 @@ ConversationEvent = Annotated[
     | StatusReceipt
     | SchedulePut
     | ScheduleCommand
-    | ScheduleDue,
-    Field(discriminator="kind"),
-]
+    | ScheduleDue
+)
+ConversationEvent = Annotated[_EVENTS, Field(discriminator="kind")]
 LifecycleEvent = InboundMessage | CloseCommand | AcceptCommand | TimerFiredRecord | SendRequested
 CONVERSATION_EVENT: TypeAdapter[ConversationEvent] = TypeAdapter(ConversationEvent)
 # What a record of the conversation-events topic holds: one event, or a bundle of schedule puts.
 LOG_RECORD: TypeAdapter[ConversationEvent | SchedulePuts] = TypeAdapter(
-    Annotated[
-        InboundMessage
-        | CloseCommand
-        | AcceptCommand
-        | TimerFiredRecord
-        | OutboundMessage
-        | SendRequested
-        | StatusReceipt
-        | SchedulePut
-        | ScheduleCommand
-        | ScheduleDue
-        | SchedulePuts,
-        Field(discriminator="kind"),
-    ]
+    Annotated[_EVENTS | SchedulePuts, Field(discriminator="kind")]
 )
 
 

@@ -51,6 +51,19 @@ class Rollback(Exception):
     """Undo what EXPLAIN ANALYZE really did."""
 
 
+async def _explained(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, sql: str, *args: Any
+) -> dict[str, Any]:
+    """The plan EXPLAIN ANALYZE reports for the statement, run and rolled back."""
+    explained = ""
+    with contextlib.suppress(Rollback):
+        async with conn.transaction():
+            explained = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *args)
+            raise Rollback
+    plan: dict[str, Any] = json.loads(explained)[0]["Plan"]
+    return plan
+
+
 async def test_the_batched_update_is_linear_in_the_batch(pool: asyncpg.Pool) -> None:
     # One UPDATE of 1,000 rows out of a table the size of a real one.
     async with pool.acquire() as conn:
@@ -73,14 +86,7 @@ async def test_the_batched_update_is_linear_in_the_batch(pool: asyncpg.Pool) -> 
         # id: 999,000 join-filter rejections per 1,000 rows). Force nested loops: the statement's
         # shape, not the planner's mood, must keep it linear.
         await conn.execute("SET enable_hashjoin = off; SET enable_mergejoin = off")
-        explained = ""
-        with contextlib.suppress(Rollback):
-            async with conn.transaction():
-                explained = await conn.fetchval(
-                    "EXPLAIN (ANALYZE, FORMAT JSON) " + _UPDATE_CONVERSATIONS, jsonrows.dumps(batch)
-                )
-                raise Rollback
-    plan = json.loads(explained)[0]["Plan"]
+        plan = await _explained(conn, _UPDATE_CONVERSATIONS, jsonrows.dumps(batch))
     removed = sum(node.get("Rows Removed by Join Filter", 0) for node in _nodes(plan))
     assert removed <= 1000, f"the join filter rejected {removed:,} rows for a 1,000-row batch"
     assert plan["Actual Rows"] == 1000  # and every row was updated
@@ -311,14 +317,7 @@ async def test_batched_joins_probe_the_table_index_not_scan_the_table(pool: asyn
             "schedules": (schedules_db._UPDATE, schedules, 3),
         }
         for table, (sql, batch, touched) in cases.items():
-            explained = ""
-            with contextlib.suppress(Rollback):
-                async with conn.transaction():
-                    explained = await conn.fetchval(
-                        "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, jsonrows.dumps(batch)
-                    )
-                    raise Rollback
-            plan = json.loads(explained)[0]["Plan"]
+            plan = await _explained(conn, sql, jsonrows.dumps(batch))
             nodes = [x for x in _nodes(plan) if x.get("Relation Name") == table and "Scan" in x["Node Type"]]
             assert nodes and all(x["Node Type"] != "Seq Scan" for x in nodes), (table, nodes)
             assert sum(x["Actual Rows"] * x["Actual Loops"] for x in nodes) == touched, (table, nodes)
