@@ -102,7 +102,11 @@ class LifecycleAgent:
         self.topics = topics
         self.source = app.topic(topics.conversation_events, key_serializer="raw", value_serializer="raw")
         self.scheduler = Scheduler(
-            app, self.source, settings.topic_partitions, horizon=settings.scheduler_horizon
+            app,
+            self.source,
+            settings.topic_partitions,
+            horizon=settings.scheduler_horizon,
+            bootstrap=settings.kafka_bootstrap_servers,
         )
         self.dead_letters = app.topic(topics.dead_letters, key_serializer="raw", value_serializer="raw")
         self._pool: asyncpg.Pool | None = None

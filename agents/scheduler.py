@@ -41,6 +41,7 @@ from typing import Any
 
 import asyncpg
 import faust
+from aiokafka import AIOKafkaProducer
 
 from domain.actions import CLOSE, Action, Arm, due_ms, last_per_action
 from domain.horizon import Horizon, at
@@ -155,6 +156,48 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class FiringProducer:
+    """The scheduler's own aiokafka producer (acks=all, idempotent) for firing events.
+
+    Faust's `topic.send` took 0.7-1 ms a record in the worker under load: firing 100 due actions
+    took 70-120 ms (measured in the schedules bench), and every action due meanwhile waited for
+    the next pop. aiokafka's own `send` only appends to its batch (tens of us). The producer
+    keys records as Faust's does (murmur2 of the owner), so a firing lands on its owner's
+    partition. After a failed send or ack it is dropped, and the next firing starts a fresh one:
+    an idempotent producer that lost a record refuses every later one of that partition."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self._producer: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+
+    async def send(self, *, key: bytes, value: bytes) -> asyncio.Future[Any]:
+        """Append one record; the future resolves on the broker's ack (acks=all)."""
+        producer = self._producer
+        if producer is None:
+            async with self._lock:
+                if self._producer is None:
+                    started = AIOKafkaProducer(
+                        bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=1
+                    )
+                    await started.start()
+                    self._producer = started
+                producer = self._producer
+        try:
+            future: asyncio.Future[Any] = await producer.send(self.topic, value=value, key=key)
+        except BaseException:
+            await self.drop()
+            raise
+        return future
+
+    async def drop(self) -> None:
+        """Stop the producer (a failure, or the worker's shutdown); the next send starts anew."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+
 class Scheduler:
     """The actions table, its wheel, and the loop that turns due actions into events."""
 
@@ -164,9 +207,12 @@ class Scheduler:
         source: faust.TopicT,
         partitions: int,
         horizon: timedelta = timedelta(minutes=10),
+        *,
+        bootstrap: str,
     ) -> None:
         self.app = app
         self.source = source
+        self.producer = FiringProducer(bootstrap, source.get_topic_name())
         self.partitions = partitions
         self.table = app.Table(
             "actions",
@@ -193,6 +239,11 @@ class Scheduler:
         self.lateness_ms: list[float] = []  # a bounded sample, for the metrics endpoint
         self.table.on_recover(self.rebuild)
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]  # mode types it loosely
+
+        async def stop_producer(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+            await self.producer.drop()
+
+        app.on_before_shutdown.connect(stop_producer)  # type: ignore[arg-type]  # mode types it loosely
 
     def attach_postgres(self, pool: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
         """Where reconcile reads the durable actions from (the lifecycle agent's pool)."""
@@ -492,6 +543,7 @@ class Scheduler:
             self.fired += len(futures)
         except Exception as exc:  # noqa: BLE001 - Kafka trouble: keep the actions, retry
             log.warning("scheduler: firing %d actions failed (%s); re-arming them", len(due), exc)
+            await self.producer.drop()
             retry_at = _now_ms() + 1000
             for key, due_at in due:
                 if self.wheel.due_of(key) is None:
@@ -510,7 +562,7 @@ class Scheduler:
             # (the wheel then holds now + 1 s) is the same event, with the same id.
             record = firing(owner.decode(), name, entry[0], entry[1], fired_at, "timer")
             try:
-                futures.append(await self.source.send(key=owner, value=record.model_dump_json().encode()))
+                futures.append(await self.producer.send(key=owner, value=record.model_dump_json().encode()))
             except Exception as exc:  # noqa: BLE001 - the producer refused: re-arm, try again soon
                 log.warning("scheduler: producing a firing failed (%s); re-arming", exc)
                 self.wheel.schedule(key, _now_ms() + 1000)

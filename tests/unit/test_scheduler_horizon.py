@@ -4,12 +4,14 @@ started)."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 
 import faust
 import pytest
 
-from agents.scheduler import Scheduler, pack, unpack, wheel_key
+from agents import scheduler as scheduler_module
+from agents.scheduler import FiringProducer, Scheduler, pack, unpack, wheel_key
 from domain.actions import CLOSE, Arm, Disarm, due_ms
 from domain.horizon import at
 from streams.topics import partition_of
@@ -22,7 +24,7 @@ SPAN = 10_000
 def scheduler() -> Scheduler:
     app = faust.App("unit-horizon", broker="memory://", store="memory://")
     topic = app.topic("actions-test", key_serializer="raw", value_serializer="raw")
-    s = Scheduler(app, topic, 8, horizon=timedelta(milliseconds=SPAN))
+    s = Scheduler(app, topic, 8, horizon=timedelta(milliseconds=SPAN), bootstrap="127.0.0.1:9")
     s.horizon.begin(NOW)
     s.horizon.done()  # loaded until NOW + SPAN
     return s
@@ -118,7 +120,7 @@ class _RefusingOnce:
 async def test_a_firing_whose_produce_failed_fires_again_with_the_same_id(scheduler: Scheduler) -> None:
     scheduler.apply([Arm("r/1", CLOSE, _in(1), "c:1:1")])
     refusing = _RefusingOnce()
-    scheduler.source = refusing  # type: ignore[assignment]
+    scheduler.producer = refusing  # type: ignore[assignment]
     key = wheel_key(b"r/1", CLOSE)
     due = due_ms(_in(1))
     assert await scheduler._fire([(key, due)], due + 5) == []  # refused: re-armed a second later
@@ -127,3 +129,43 @@ async def test_a_firing_whose_produce_failed_fires_again_with_the_same_id(schedu
     await scheduler._fire([(key, retry_at)], retry_at)
     [value] = refusing.sent  # before the fix the wheel's later due made it skip this for good
     assert b'"event_id":"timer:c:1:1:' + str(due).encode() + b'"' in value  # the original's id
+
+
+class _FakeProducer:
+    made: list[_FakeProducer] = []
+
+    def __init__(self, **config: object) -> None:
+        self.config = config
+        self.stopped = False
+        self.sent: list[tuple[str, bytes, bytes]] = []
+        _FakeProducer.made.append(self)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    async def send(self, topic: str, *, value: bytes, key: bytes) -> asyncio.Future[None]:
+        if len(_FakeProducer.made) == 1:  # the first producer breaks on its first record
+            raise RuntimeError("OutOfOrderSequenceNumber")
+        self.sent.append((topic, key, value))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def test_the_firing_producer_starts_anew_after_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "AIOKafkaProducer", _FakeProducer)
+    _FakeProducer.made.clear()
+    producer = FiringProducer("127.0.0.1:9", "t.conversation-events")
+    with pytest.raises(RuntimeError):
+        await producer.send(key=b"a/1", value=b"{}")
+    [broken] = _FakeProducer.made
+    assert broken.stopped  # dropped: an idempotent producer that lost a record refuses the rest
+    await (await producer.send(key=b"a/1", value=b"{}"))
+    [_, fresh] = _FakeProducer.made
+    assert fresh.sent == [("t.conversation-events", b"a/1", b"{}")]
+    assert fresh.config["acks"] == "all" and fresh.config["enable_idempotence"] is True
+    await producer.drop()
+    assert fresh.stopped
