@@ -179,6 +179,11 @@ async def run(services: Services, scale: float, skip_timers: bool, inbound_only:
         return
     await restart(services, int(1_000_000 * scale))
 
+    await timer_phase(services, scale)
+
+
+async def timer_phase(services: Services, scale: float) -> None:
+    """Worker memory per timer, and n close timers due within one minute (firing lateness)."""
     print("\n== timers ==", flush=True)
     for n in (100_000, 1_000_000):
         with_keys, wheel_only = timers.memory_per_timer(n)
@@ -321,6 +326,7 @@ def main() -> None:
     parser.add_argument("--projection-only", action="store_true", help="only the Postgres projection phase")
     parser.add_argument("--recovery-only", action="store_true", help="only the worker recovery phase")
     parser.add_argument("--schedules-only", action="store_true", help="only the schedules phase")
+    parser.add_argument("--timers-only", action="store_true", help="only the close timers phase")
     parser.add_argument("--webhooks-only", action="store_true", help="only the outgoing-webhooks phase")
     parser.add_argument("--sends-only", action="store_true", help="only the outbound-sends phase")
     parser.add_argument(
@@ -358,7 +364,13 @@ def main() -> None:
     if args.whatif_only:
         whatif.run(int(1_000_000 * args.scale))
         return
-    only = [args.projection_only, args.recovery_only, args.schedules_only, args.webhooks_only]
+    only = [
+        args.projection_only,
+        args.recovery_only,
+        args.schedules_only,
+        args.webhooks_only,
+        args.timers_only,
+    ]
     more = [args.sends_only, args.noop_only, args.scaling_only, args.ingress_only, args.crash_only]
     if any(only) or any(more):
         with local_services("parley-bench-") as services:
@@ -368,6 +380,8 @@ def main() -> None:
                 asyncio.run(restart(services, int(1_000_000 * args.scale)))
             if args.schedules_only:
                 asyncio.run(schedule_phase(services, args.scale))
+            if args.timers_only:
+                asyncio.run(timer_phase(services, args.scale))
             if args.webhooks_only:
                 asyncio.run(webhooks.run(services, args.scale))
             if args.sends_only:
