@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 import orjson
 from aiohttp import web
+from aiokafka.errors import KafkaError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from api.admin import IDEMPOTENCY_HEADER, _idempotency_key
@@ -264,7 +265,7 @@ async def _submit(request: web.Request, records: Sequence[SchedulePut | Schedule
     except normalize.IngressError as exc:
         answers.forget(ids)
         return [error(exc.status, str(exc))]
-    except KafkaUnavailable:
+    except (KafkaUnavailable, KafkaError):  # KafkaError: the partition count's metadata
         answers.forget(ids)
         return [error(503, "event log unavailable, retry later")]
     # asyncio.wait leaves what is not done at the timeout as it is (no cancel, so no shield)
