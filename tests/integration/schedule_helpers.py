@@ -29,13 +29,27 @@ async def call(
         return r.status, None if r.status == 204 else await r.json()
 
 
+def _partitions(dep: Deployment, topic: str) -> list[TopicPartition]:
+    return [TopicPartition(topic, p) for p in range(int(dep.env().get("PARLEY_TOPIC_PARTITIONS", "8")))]
+
+
+async def records_on(dep: Deployment, topic: str) -> int:
+    """How many records the topic holds (the sum of its end offsets)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=dep.services.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return sum((await consumer.end_offsets(_partitions(dep, topic))).values())
+    finally:
+        await consumer.stop()
+
+
 async def outgoing(dep: Deployment) -> list[dict[str, Any]]:
     """Every record on the deployment's outgoing-events topic so far (key added as `_key`)."""
     topic = f"{dep.name}.outgoing-events"
     consumer = AIOKafkaConsumer(bootstrap_servers=dep.services.bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        parts = [TopicPartition(topic, p) for p in range(int(dep.env().get("PARLEY_TOPIC_PARTITIONS", "8")))]
+        parts = _partitions(dep, topic)
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         ends = await consumer.end_offsets(parts)

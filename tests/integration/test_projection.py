@@ -101,10 +101,7 @@ async def test_the_ledger_probe_reads_only_the_batch_ids(pool: asyncpg.Pool) -> 
             "INSERT INTO processed_events (event_id) SELECT 'old:' || n FROM generate_series(1, 5000) AS n"
         )
         ids = jsonrows.dumps([f"old:{n}" for n in range(1, 11)])
-        explained = await conn.fetchval(
-            "EXPLAIN (ANALYZE, FORMAT JSON) " + projection._READ, ids, jsonrows.dumps([])
-        )
-    nodes = _nodes(json.loads(explained)[0]["Plan"])
+        nodes = _nodes(await _explained(conn, projection._READ, ids, jsonrows.dumps([])))
     ledger = [n for n in nodes if n.get("Relation Name") == "processed_events"]
     assert ledger, nodes
     assert all(n["Node Type"] != "Seq Scan" for n in ledger), ledger

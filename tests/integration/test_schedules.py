@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from streams.records import SchedulePut, bundle_puts
 from streams.topics import Topics, partition_of, partitioner
 from tests.integration.harness import Deployment, wait_until
-from tests.integration.schedule_helpers import call, outgoing
+from tests.integration.schedule_helpers import call, outgoing, records_on
 
 
 def _key(name: str) -> str:
@@ -276,24 +276,13 @@ async def test_many_commands_at_once_all_answered(
     assert await asyncio.gather(*(put(k) for k in keys)) == [201] * 200
 
 
-async def _records_on(dep: Deployment, topic: str) -> int:
-    """How many records the topic holds (the sum of its end offsets)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=dep.services.bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(topic, p) for p in range(8)]  # the deployment's 8 partitions
-        return sum((await consumer.end_offsets(parts)).values())
-    finally:
-        await consumer.stop()
-
-
 async def test_a_batch_travels_as_one_record_per_partition(
     http: aiohttp.ClientSession, deployment: Deployment
 ) -> None:
     topic = Topics(deployment.name).conversation_events
     kind = "bundle." + uuid.uuid4().hex[:8]
     keys = [_key("bundle") for _ in range(300)]
-    before = await _records_on(deployment, topic)
+    before = await records_on(deployment, topic)
     items = [
         {"key": k, "run_at": _at(3600), "event_type": kind, "payload": {"n": i}} for i, k in enumerate(keys)
     ]
@@ -302,7 +291,7 @@ async def test_a_batch_travels_as_one_record_per_partition(
     assert [(a["code"], a["key"], a["payload"]["n"]) for a in answer["items"]] == [
         (201, k, i) for i, k in enumerate(keys)
     ]
-    assert 1 <= await _records_on(deployment, topic) - before <= 8  # 8 partitions, not 300 records
+    assert 1 <= await records_on(deployment, topic) - before <= 8  # 8 partitions, not 300 records
     code, page = await call(http, deployment, "GET", f"/v1/schedules?event_type={kind}&limit=1000")
     assert code == 200 and sorted(i["key"] for i in page["items"]) == sorted(keys)
 
